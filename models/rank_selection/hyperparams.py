@@ -1,0 +1,49 @@
+"""Defaults for training and for every rank-selection method, in one place.
+
+The spec validator (search_spaces), the CLI and `fit` all read these tables, so a
+hyperparameter exists exactly when it is listed here. Values follow the papers
+(see ../shared/DESIGN.md §3) and can be overridden per run.
+"""
+
+METHODS = ("bayesian", "l0", "lwiq", "fixed", "posthoc", "dense")
+
+TRAIN_DEFAULTS = {
+    "epochs": 10,
+    "batch_size": 64,
+    "lr": 1e-3,
+    "optimizer": "adam",  # adam | sgd
+    "momentum": 0.9,  # sgd only
+    "weight_decay": 0.0,
+    "schedule": "cosine",  # cosine | none
+    "finetune_epochs": 1,  # after pruning to the budget
+    "max_rank": 16,
+    "seed": 0,
+}
+
+METHOD_DEFAULTS = {
+    "bayesian": {
+        "inference": "svi",  # svi (learned posterior scale, the paper) | map (the authors' code)
+        "hyperprior": "half_cauchy",  # half_cauchy | log_uniform
+        "eta": 1.0,  # half-Cauchy scale
+        "kl_weight": 5e-5,
+        "warmup_epochs": 1,  # KL weight is 0 before, then ramps up over one epoch
+        "damping": 0.5,  # lambda <- (1-s) lambda + s * closed-form update
+        "threshold": 1e-4,  # slices with lambda^2 below are dropped
+        "init_log_sigma": -8.0,  # posterior std starts tiny (exp(-8))
+    },
+    "l0": {
+        "lam": 0.1,  # weight of the expected-L0 penalty
+        "sigma": 0.5,  # gate noise std in training
+        "shift": 1.2,  # gate = clip(mu + shift + sigma*eps, 0, 1); mu starts at 0, so gates start open
+        "gate_lr": 1e-2,
+        "freeze_at_target": True,
+    },
+    "lwiq": {
+        "measure_batches": 4,  # held-out batches for the imprinted proxy classifiers
+        "pool_features": 128,  # pooled feature size per layer
+        "min_share": 0.05,  # floor of each layer's share so no layer starves
+    },
+    "fixed": {},
+    "posthoc": {},
+    "dense": {},
+}

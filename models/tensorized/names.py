@@ -1,0 +1,3 @@
+"""Tensor formats every factorized layer supports."""
+
+FORMATS = ("cp", "tucker", "tt", "ttm")
