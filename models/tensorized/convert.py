@@ -1,0 +1,107 @@
+"""Turning dense layers into factorized ones: `from_dense` (decompose one trained layer)
+and `tensorize` (replace the layers of a whole model in place)."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+
+import torch
+from torch import nn
+
+from .layers import FactorizedConv2d, FactorizedEmbedding, FactorizedEmbeddingBag, FactorizedLayer, FactorizedLinear
+
+CONVERTIBLE = (nn.Linear, nn.Conv2d, nn.Embedding, nn.EmbeddingBag)
+
+
+def _empty_like(layer: nn.Module, format: str, max_rank, **shape_kw) -> FactorizedLayer:
+    """A randomly initialized factorized layer with the same interface as `layer`."""
+    if isinstance(layer, nn.Linear):
+        return FactorizedLinear(layer.in_features, layer.out_features, format=format, max_rank=max_rank,
+                                bias=layer.bias is not None, **shape_kw)
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            raise ValueError(f"layer: only Conv2d with groups=1, zero padding given as numbers is supported, got {layer}")
+        return FactorizedConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, format=format,
+                                max_rank=max_rank, stride=layer.stride, padding=layer.padding,
+                                dilation=layer.dilation, bias=layer.bias is not None, **shape_kw)
+    if isinstance(layer, nn.EmbeddingBag):
+        return FactorizedEmbeddingBag(layer.num_embeddings, layer.embedding_dim, format=format, max_rank=max_rank,
+                                      mode=layer.mode, include_last_offset=layer.include_last_offset, **shape_kw)
+    if isinstance(layer, nn.Embedding):
+        return FactorizedEmbedding(layer.num_embeddings, layer.embedding_dim, format=format, max_rank=max_rank,
+                                   **shape_kw)
+    raise ValueError(f"layer: expected one of {[c.__name__ for c in CONVERTIBLE]}, got {type(layer).__name__}")
+
+
+def _padded_dense(new: FactorizedLayer, weight: torch.Tensor) -> torch.Tensor:
+    """The dense weight zero-padded and reshaped to the factorized tensor's modes."""
+    w = weight.detach()
+    if isinstance(new, FactorizedLinear):
+        rows, cols, extra = math.prod(new.out_shape), math.prod(new.in_shape), []
+    elif isinstance(new, FactorizedConv2d):
+        rows, cols = math.prod(new.out_shape), math.prod(new.in_shape)
+        extra = [w.shape[2] * w.shape[3]] if w.shape[2] * w.shape[3] > 1 else []
+        w = w.reshape(w.shape[0], w.shape[1], -1)
+    else:
+        rows, cols, extra = math.prod(new.row_shape), math.prod(new.col_shape), []
+    padded = w.new_zeros(rows, cols, *([w.shape[2]] if extra else []))
+    padded[: w.shape[0], : w.shape[1]] = w.reshape(w.shape[0], w.shape[1], *([-1] if extra else []))
+    return padded.reshape(new.weight.modes)
+
+
+def from_dense(layer: nn.Module, format: str, max_rank, **shape_kw) -> FactorizedLayer:
+    """A factorized layer initialized by decomposing a trained dense one
+    (TT-SVD for tt/ttm, truncated HOSVD for tucker, CP-ALS for cp)."""
+    new = _empty_like(layer, format, max_rank, **shape_kw)
+    new.weight.decompose_from(_padded_dense(new, layer.weight))
+    if getattr(layer, "bias", None) is not None:
+        with torch.no_grad():
+            new.bias.copy_(layer.bias)
+    return new
+
+
+def _selected(name: str, include, exclude) -> bool:
+    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
+
+
+def tensorize(model: nn.Module, *, format: str, max_rank, min_params: int = 1024, include=None, exclude=None,
+              init: str = "random") -> list[dict]:
+    """Replace Linear/Conv2d/Embedding/EmbeddingBag layers of `model` in place.
+
+    A layer is replaced when it has at least `min_params` weights and its name
+    matches `include` (glob patterns; all when None) and not `exclude`.
+    `init="random"` keeps the replaced layer's weight scale (so the model's own
+    init scheme survives); `init="decompose"` decomposes its trained weights.
+    Returns one dict per replaced layer: name, kind, format, shape, ranks, params.
+    """
+    if init not in ("random", "decompose"):
+        raise ValueError(f"init: expected 'random' or 'decompose', got {init!r}")
+    if isinstance(min_params, bool) or not isinstance(min_params, int) or min_params < 0:
+        raise ValueError(f"min_params: expected a non-negative integer, got {min_params!r}")
+    targets = [
+        (name, module) for name, module in model.named_modules()
+        if isinstance(module, CONVERTIBLE) and module.weight.numel() >= min_params and _selected(name, include, exclude)
+    ]
+    report = []
+    for name, module in targets:
+        if init == "decompose":
+            new = from_dense(module, format, max_rank)
+        else:
+            new = _empty_like(module, format, max_rank)
+            new.reset_parameters(std=float(module.weight.detach().std()))
+            if getattr(module, "bias", None) is not None:
+                with torch.no_grad():
+                    new.bias.copy_(module.bias)
+        new.to(module.weight.device, module.weight.dtype)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        report.append({"layer": name, **new.describe()})
+    return report
+
+
+def factorized_layers(model: nn.Module) -> dict[str, FactorizedLayer]:
+    """Every factorized layer of a model, by name: what rank-selection methods drive."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, FactorizedLayer)}
