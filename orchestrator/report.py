@@ -12,7 +12,7 @@ import json
 import math
 import numbers
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +41,8 @@ METADATA_KEY = b"ranksearch"
 FORMAT_VERSION = 1
 
 _INT_LIST = pa.list_(pa.int64())
+_MODE_GROUPS = pa.list_(_INT_LIST)
+_TRIAL_LEVEL = ("trial_id", "model", "method", "budget")  # layers.parquet columns copied from the trial
 
 # Contract columns of trials.parquet, in file order; hp_<name> columns follow.
 TRIAL_SCHEMA = pa.schema(
@@ -81,7 +83,7 @@ LAYER_SCHEMA = pa.schema(
         ("layer", pa.string()),
         ("kind", pa.string()),
         ("shape", _INT_LIST),
-        ("tensor_shape", pa.list_(_INT_LIST)),
+        ("tensor_shape", _MODE_GROUPS),
         ("max_ranks", _INT_LIST),
         ("ranks", _INT_LIST),
         ("params", pa.int64()),
@@ -114,7 +116,6 @@ COLUMN_UNITS = {
     "hypervolume": "of the group's front, in the normalized space in the 'hypervolume' metadata",
 }
 
-DEFAULT_OBJECTIVES = ({"metric": "accuracy", "mode": "max"}, {"metric": "params", "mode": "min"})
 _BOUNDED_MAX = ("accuracy", "auc")  # in [0, 1]: the worst possible value, 0, is the reference
 
 
@@ -127,7 +128,9 @@ class ReportPaths:
     plot: Path
 
 
-def write_reports(records: Iterable[Mapping], report_dir, *, objectives: Sequence[Mapping] | None = None) -> ReportPaths:
+def write_reports(
+    records: Iterable[Mapping], report_dir, *, objectives: Sequence[Mapping] | None = None
+) -> ReportPaths:
     """Write the four report files for `records` (one dict per trial) into `report_dir`.
 
     Everything is computed before the first file is written, so bad input
@@ -166,14 +169,16 @@ def front_table(report_dir) -> str:
     table = pq.read_table(Path(report_dir) / "pareto.parquet")
     meta = _metadata(table.schema)
     metrics = [o["metric"] for o in meta["objectives"] if o["metric"] != "params"]
-    columns = list(dict.fromkeys(["group", "method", "format", "budget", *metrics, "params", "compression", "hypervolume"]))
-    rows = [[_fmt(name, v) for name, v in zip(columns, values)] for values in zip(*(table.column(c).to_pylist() for c in columns))]
+    columns = ["group", "model", "method", "format", "budget", *metrics, "params", "compression", "hypervolume"]
+    columns = list(dict.fromkeys(columns))
+    cells = zip(*(table.column(c).to_pylist() for c in columns))
+    rows = [[_fmt(name, v) for name, v in zip(columns, values)] for values in cells]
     if not rows:
         return "no Pareto-optimal trials (no trial finished with all objectives measured)"
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
     text = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    text += ["  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in rows]
-    ref = ", ".join(f"{d['metric']} {d['transform']} ref {d['reference']:g}" for d in meta["hypervolume"]["objectives"])
+    text += ["  ".join(v.ljust(w) if i < 4 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in rows]
+    ref = ", ".join(f"{d['value']} = {d['reference']:g}" for d in meta["hypervolume"]["objectives"])
     return "\n".join(text) + f"\nhypervolume reference point: {ref}"
 
 
@@ -231,6 +236,8 @@ def _coerce(v, type_: pa.DataType, column: str):
         return bool(v)
     if type_ == _INT_LIST:
         return [_to_int(x, column) for x in v]
+    if type_ == _MODE_GROUPS:
+        return _mode_groups(v)
     raise TypeError(type_)
 
 
@@ -257,7 +264,7 @@ def _trials_table(records: list) -> pa.Table:
 
 
 def _hp_array(values: list) -> pa.Array:
-    """One type per hyperparameter column; anything mixed or nested becomes JSON text."""
+    """One type per hyperparameter column; mixed or nested values become text (non-strings as JSON)."""
     present = [v for v in values if v is not None]
     if present and all(isinstance(v, (bool, np.bool_)) for v in present):
         return pa.array([None if v is None else bool(v) for v in values], type=pa.bool_())
@@ -265,15 +272,12 @@ def _hp_array(values: list) -> pa.Array:
         if all(isinstance(v, numbers.Integral) for v in present):
             return pa.array([None if v is None else int(v) for v in values], type=pa.int64())
         return pa.array([None if v is None else float(v) for v in values], type=pa.float64())
-    if all(isinstance(v, str) for v in present):
-        return pa.array(values, type=pa.string())
-    return pa.array([None if v is None else json.dumps(v, default=str) for v in values], type=pa.string())
+    text = [v if v is None or isinstance(v, str) else json.dumps(v, default=str) for v in values]
+    return pa.array(text, type=pa.string())
 
 
-def _mode_groups(shape) -> list | None:
+def _mode_groups(shape) -> list:
     """Flat shapes become one group so every format fits list<list<int64>>."""
-    if shape is None:
-        return None
     shape = list(shape)
     if shape and all(isinstance(s, numbers.Integral) for s in shape):
         shape = [shape]
@@ -284,18 +288,10 @@ def _layers_table(records: list) -> pa.Table:
     rows = []
     for r in records:
         for layer in r.get("layers") or []:
-            row = {name: r.get(name) for name in ("trial_id", "model", "method", "budget")}
+            row = {name: (r if name in _TRIAL_LEVEL else layer).get(name) for name in LAYER_SCHEMA.names}
             row["format"] = layer.get("format") or r.get("format")
-            row.update({k: layer.get(k) for k in ("layer", "kind", "shape", "max_ranks", "ranks", "params", "dense_params")})
-            row["tensor_shape"] = _mode_groups(layer.get("tensor_shape"))
             rows.append(row)
-    columns = {}
-    for field in LAYER_SCHEMA:
-        if field.name == "tensor_shape":
-            values = [row["tensor_shape"] for row in rows]
-        else:
-            values = [_coerce(row[field.name], field.type, field.name) for row in rows]
-        columns[field.name] = pa.array(values, type=field.type)
+    columns = {f.name: [_coerce(row[f.name], f.type, f.name) for row in rows] for f in LAYER_SCHEMA}
     return pa.table(columns, schema=LAYER_SCHEMA).replace_schema_metadata(_metadata_bytes({"units": COLUMN_UNITS}))
 
 
@@ -308,7 +304,7 @@ def _resolve_objectives(objectives, trials: pa.Table) -> list[dict]:
         ok = trials.filter(pc.equal(trials["status"], "ok"))
         has_accuracy, has_auc = (ok[c].null_count < ok.num_rows for c in ("accuracy", "auc"))
         metric = "auc" if has_auc and not has_accuracy else "accuracy"
-        objectives = [{"metric": metric, "mode": "max"}, dict(DEFAULT_OBJECTIVES[1])]
+        objectives = [{"metric": metric, "mode": "max"}, {"metric": "params", "mode": "min"}]
     resolved = []
     for o in objectives:
         metric, mode = o["metric"], o["mode"]
@@ -346,16 +342,16 @@ def _hv_space(trials: pa.Table, objectives: list[dict], usable: np.ndarray):
         metric, mode = o["metric"], o["mode"]
         v = _column(trials, metric)
         if metric in _BOUNDED_MAX and mode == "max":
-            transform, ref = "value", 0.0
+            value, ref = metric, 0.0
         elif metric == "params" and mode == "min" and np.all(dense[usable] > 0):
-            v, transform, ref = v / np.where(dense > 0, dense, np.nan), "/ dense_params", 1.0
+            v, value, ref = v / np.where(dense > 0, dense, np.nan), "params / dense_params", 1.0
         else:
             seen = v[usable]
             worst = (seen.max() if mode == "min" else seen.min()) if len(seen) else 0.0
             margin = 0.1 * abs(worst) or 0.1
-            transform, ref = "value", float(worst + margin if mode == "min" else worst - margin)
+            value, ref = metric, float(worst + margin if mode == "min" else worst - margin)
         values.append(v)
-        described.append({"metric": metric, "mode": mode, "transform": transform, "reference": ref})
+        described.append({"metric": metric, "mode": mode, "value": value, "reference": ref})
     return np.column_stack(values), described
 
 
@@ -416,10 +412,11 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write via a temporary file in the same directory, then rename over `path`.
 
     os.replace is atomic within a filesystem, so readers see the old file or the
-    new one, never a partial one; on error the temporary file is removed.
+    new one, never a partial one; on error the temporary file is removed. The
+    writer creates the file itself (not mkstemp) so it gets the usual umask
+    permissions rather than 0600.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"))
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -441,6 +438,7 @@ def _plot(trials: pa.Table, pareto: pa.Table, objectives: list[dict]):
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
 
     y_metric = next((o["metric"] for o in objectives if o["metric"] != "params"), objectives[0]["metric"])
     data = trials.filter(pc.equal(trials["status"], "ok")).to_pylist()
@@ -460,6 +458,9 @@ def _plot(trials: pa.Table, pareto: pa.Table, objectives: list[dict]):
             continue
         ax.set_title(model)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(EngFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         for method in methods:
             pts = [(r["params"], r[y_metric]) for r in data if r["model"] == model and r["method"] == method]
             if not pts:
@@ -467,7 +468,7 @@ def _plot(trials: pa.Table, pareto: pa.Table, objectives: list[dict]):
             ax.scatter(*zip(*pts), s=18, alpha=0.6, color=colours[method], label=method)
             front = sorted((r["params"], r[y_metric]) for r in front_rows if r["group"] == f"{model}/{method}")
             if front:
-                ax.step(*zip(*front), where="post", color=colours[method], linewidth=1.2)
+                ax.step(*zip(*front), where="post", color=colours[method], linewidth=1.2, marker="o", mfc="none", ms=7)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
     return fig

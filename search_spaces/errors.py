@@ -40,10 +40,17 @@ def join(path: str, key: str | int) -> str:
     return f"{path}.{key}" if path else key
 
 
-def suggest(word: str, choices: Iterable[str]) -> str:
-    """"did you mean 'x'?" for a close match, else the list of accepted values."""
-    choices = sorted(choices)
-    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
-    if close:
-        return f"did you mean {close[0]!r}?"
-    return "expected one of: " + ", ".join(choices) if choices else "nothing is accepted here"
+def closest(word: object, choices: Iterable[str]) -> str | None:
+    """The accepted value nearest to a misspelt `word`, if any is near."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def suggest(word: object, choices: Iterable[str]) -> str:
+    """The accepted values, led by "did you mean 'x'?" when one is close to `word`."""
+    choices = list(choices)
+    if not choices:
+        return "none are accepted here"
+    accepted = "accepted: " + ", ".join(choices)
+    near = closest(word, choices)
+    return f"did you mean {near!r}? ({accepted})" if near else accepted

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import Errors, join, suggest
+from .errors import Errors, closest, join, suggest
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 _NOUNS = {int: "integer", float: "number", str: "string"}
@@ -26,12 +26,15 @@ def is_distribution(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class Scalar:
-    """What a fixed value must be: a type (int, float, bool, str) and, for numbers, a bound."""
+    """What a fixed value must be: a type (int, float, bool, str), a bound for numbers, or a closed set."""
 
     kind: type
     bound: str | None = None  # None | "positive" | "non-negative"
+    choices: tuple | None = None
 
     def describe(self) -> str:
+        if self.choices is not None:
+            return "one of: " + ", ".join(map(str, self.choices))
         if self.kind is bool:
             return "true or false"
         words = [self.bound, _NOUNS[self.kind]] if self.bound else [_NOUNS[self.kind]]
@@ -47,6 +50,8 @@ class Scalar:
         """The value in canonical form (ints widened to float for float fields), or None if invalid."""
         if isinstance(value, bool) or self.kind is bool:
             return value if isinstance(value, bool) and self.kind is bool else None
+        if self.choices is not None:
+            return value if value in self.choices else None
         if self.kind is str:
             return value if isinstance(value, str) and value.strip() else None
         if self.kind is int and not isinstance(value, int):
@@ -55,7 +60,7 @@ class Scalar:
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 return None
             value = float(value)
-        if self.bound == "positive" and value <= 0 or self.bound == "non-negative" and value < 0:
+        if (self.bound == "positive" and value <= 0) or (self.bound == "non-negative" and value < 0):
             return None
         return value
 
@@ -64,7 +69,9 @@ def check(value: Any, scalar: Scalar, path: str, errors: Errors) -> Any:
     """A fixed value; records "path: expected ..., got ..." and returns None when invalid."""
     parsed = scalar.parse(value)
     if parsed is None:
-        errors.add(path, f"expected {scalar.describe()}, got {value!r}")
+        near = closest(value, scalar.choices) if scalar.choices and isinstance(value, str) else None
+        hint = f"; did you mean {near!r}?" if near else ""
+        errors.add(path, f"expected {scalar.describe()}, got {value!r}{hint}")
     return parsed
 
 

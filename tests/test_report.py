@@ -3,6 +3,7 @@
 import itertools
 import json
 import math
+import os
 
 import duckdb
 import numpy as np
@@ -93,7 +94,7 @@ def synthetic_records(n=40, seed=0):
         rec = {
             "trial_id": f"t{i:03d}", "model": model, "dataset": "digits", "format": fmt, "method": method,
             "budget": [0.1, 0.3, 0.5][i % 3], "seed": i % 2, "status": status, "error": None,
-            "config": {"lr": float(rng.choice([1e-3, 3e-3])), "epochs": 5, "prior": "half_cauchy" if method == "bayesian" else None},
+            "config": {"lr": float(rng.choice([1e-3, 3e-3])), "epochs": 5},
             "accuracy": acc, "params": params, "dense_params": dense, "compression": dense / params,
             "tensorized_params": params - 500, "tensorized_dense_params": dense - 500, "budget_met": bool(i % 2),
             "wall_time_s": 1.5, "rank_search_time_s": 0.2, "epochs_done": 5,
@@ -101,13 +102,19 @@ def synthetic_records(n=40, seed=0):
         }  # fmt: skip
         if status == "failed":
             rec.update(error=f"RuntimeError: trial {i} diverged", accuracy=None, params=None, layers=[])
+        if method == "bayesian":
+            rec["config"]["prior"] = "half_cauchy"
         if status == "stopped":
             rec["epochs_done"] = 2
         records.append(rec)
     records[0]["accuracy"] = float("nan")  # an ok trial whose metric is NaN: excluded from fronts
+    records[1].update(budget=None, budget_params=5_000)  # an absolute budget
+    records[2]["config"].update(max_rank=16, shape=[[4, 7], [4, 4]])
+    records[4]["config"].update(max_rank="auto")
     records.append(
-        {"trial_id": "dense-mlp", "model": "mlp", "dataset": "digits", "format": None, "method": "dense", "budget": None,
-         "seed": 0, "status": "ok", "error": None, "config": {"lr": 1e-3, "epochs": 5}, "accuracy": 0.97,
+        {"trial_id": "dense-mlp", "model": "mlp", "dataset": "digits", "format": None, "method": "dense",
+         "budget": None, "seed": 0, "status": "ok", "error": None, "config": {"lr": 1e-3, "epochs": 5},
+         "accuracy": 0.97,
          "params": 60_000, "dense_params": 60_000, "compression": 1.0, "budget_met": True, "wall_time_s": 1.0,
          "rank_search_time_s": 0.0, "epochs_done": 5}
     )  # fmt: skip
@@ -134,6 +141,9 @@ def test_write_reports_contract(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     assert paths.pareto == tmp_path / "pareto.parquet"
     assert not list(tmp_path.glob(".*.tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "trials.parquet").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
     frames = load_reports(tmp_path)
     trials, layers, pareto = frames["trials"], frames["layers"], frames["pareto"]
@@ -167,6 +177,16 @@ def test_write_reports_contract(tmp_path):
     assert pq.read_schema(paths.pareto).metadata[b"ranksearch"]
 
 
+def test_column_types(tmp_path):
+    write_reports(synthetic_records(), tmp_path)
+    trials = pq.read_table(tmp_path / "trials.parquet")
+    assert trials.schema.remove_metadata().field("hp_lr").type == "double"
+    assert trials.schema.field("hp_epochs").type == "int64"
+    assert trials["hp_max_rank"].to_pylist()[2:5] == ["16", None, "auto"]  # mixed: text, non-strings as JSON
+    assert trials["hp_shape"].to_pylist()[2] == "[[4, 7], [4, 4]]"
+    assert trials["budget"].to_pylist()[1] is None and trials["budget_params"].to_pylist()[1] == 5_000
+
+
 def test_layers_table_types(tmp_path):
     write_reports(synthetic_records(), tmp_path)
     schema = pq.read_schema(tmp_path / "layers.parquet")
@@ -183,9 +203,8 @@ def test_readable_by_duckdb_and_pyarrow(tmp_path):
         assert n_duck == pq.read_table(path).num_rows == len(pd.read_parquet(path))
     groups = duckdb.sql(f"select distinct \"group\" from '{tmp_path / 'pareto.parquet'}'").fetchall()
     assert ("overall",) in groups
-    joined = duckdb.sql(
-        f"select count(*) from '{tmp_path / 'layers.parquet'}' l join '{tmp_path / 'trials.parquet'}' t using (trial_id)"
-    ).fetchall()[0][0]
+    layers, trials = tmp_path / "layers.parquet", tmp_path / "trials.parquet"
+    joined = duckdb.sql(f"select count(*) from '{layers}' join '{trials}' using (trial_id)").fetchall()[0][0]
     assert joined == pq.read_table(tmp_path / "layers.parquet").num_rows
 
 
@@ -202,7 +221,8 @@ def test_empty_reports_keep_the_schema(tmp_path, records):
     assert trials.remove_metadata() == TRIAL_SCHEMA
     assert pq.read_schema(tmp_path / "layers.parquet").remove_metadata() == LAYER_SCHEMA
     pareto = pq.read_table(tmp_path / "pareto.parquet")
-    assert pareto.num_rows == 0 and pareto.column_names == ["group", "rank_in_front", "hypervolume", *TRIAL_SCHEMA.names]
+    assert pareto.num_rows == 0
+    assert pareto.column_names == ["group", "rank_in_front", "hypervolume", *TRIAL_SCHEMA.names]
     assert duckdb.sql(f"select count(*) from '{tmp_path / 'pareto.parquet'}'").fetchall()[0][0] == 0
     assert "no Pareto-optimal trials" in front_table(tmp_path)
 
@@ -222,7 +242,8 @@ def test_auc_is_the_default_when_no_accuracy(tmp_path):
 
 def test_custom_objective_reference(tmp_path):
     records = [
-        {"trial_id": str(i), "model": "dlrm", "method": "l0", "status": "ok", "logloss": ll, "params": p, "dense_params": 1000}
+        {"trial_id": str(i), "model": "dlrm", "method": "l0", "status": "ok", "logloss": ll, "params": p,
+         "dense_params": 1000}
         for i, (ll, p) in enumerate([(0.40, 500), (0.50, 100), (0.45, 600)])
     ]  # fmt: skip
     objectives = [{"metric": "logloss", "mode": "min"}, {"metric": "params", "mode": "min"}]
@@ -241,7 +262,7 @@ def test_front_table_lists_every_front_row(tmp_path):
     write_reports(synthetic_records(), tmp_path)
     text = front_table(tmp_path)
     lines = text.splitlines()
-    assert lines[0].split()[:4] == ["group", "method", "format", "budget"]
+    assert lines[0].split()[:5] == ["group", "model", "method", "format", "budget"]
     assert len(lines) == 1 + len(pq.read_table(tmp_path / "pareto.parquet")) + 1
     assert lines[-1].startswith("hypervolume reference point")
 
@@ -257,15 +278,23 @@ def test_bad_records_raise_before_writing(tmp_path):
 def test_failed_write_leaves_previous_file_intact(tmp_path, monkeypatch):
     write_reports(synthetic_records(), tmp_path)
     before = {name: (tmp_path / name).read_bytes() for name in FILES}
+    real_write, calls = report.pq.write_table, []
 
-    def crash(table, where, **kwargs):
+    def crash_on_second_file(table, where, **kwargs):
+        """Write trials.parquet normally, then die half-way through layers.parquet."""
+        calls.append(where)
+        if len(calls) == 1:
+            return real_write(table, where, **kwargs)
         with open(where, "wb") as f:
             f.write(b"PAR1 half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(report.pq, "write_table", crash)
+    monkeypatch.setattr(report.pq, "write_table", crash_on_second_file)
     with pytest.raises(OSError, match="disk full"):
         write_reports(synthetic_records(n=10, seed=1), tmp_path)
-    assert {name: (tmp_path / name).read_bytes() for name in FILES} == before
+    assert len(calls) == 2 and not os.path.exists(calls[1])
+    # Each file is either its new version whole or its previous version; no temporary file is left.
+    assert len(pd.read_parquet(tmp_path / "trials.parquet")) == 11
+    for name in FILES[1:]:
+        assert (tmp_path / name).read_bytes() == before[name]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FILES)
-    assert len(pd.read_parquet(tmp_path / "trials.parquet")) == 41

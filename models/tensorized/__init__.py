@@ -1,6 +1,6 @@
 """Factorized (tensorized) layers with one shared, prunable rank mechanism."""
 
-from .convert import factorized_layers, from_dense, tensorize
+from .convert import dense_model_params, factorized_layers, from_dense, model_params, tensorize
 from .factorized import FactorizedTensor
 from .formats import CP, TensorTrain, Tucker, build_tensor
 from .layers import (
@@ -16,5 +16,5 @@ from .shapes import factorize
 __all__ = [
     "CP", "FORMATS", "FactorizedConv2d", "FactorizedEmbedding", "FactorizedEmbeddingBag", "FactorizedLayer",
     "FactorizedLinear", "FactorizedTensor", "TensorTrain", "Tucker", "build_tensor", "factorize",
-    "factorized_layers", "from_dense", "tensorize",
+    "dense_model_params", "factorized_layers", "from_dense", "model_params", "tensorize",
 ]

@@ -105,3 +105,17 @@ def tensorize(model: nn.Module, *, format: str, max_rank, min_params: int = 1024
 def factorized_layers(model: nn.Module) -> dict[str, FactorizedLayer]:
     """Every factorized layer of a model, by name: what rank-selection methods drive."""
     return {name: m for name, m in model.named_modules() if isinstance(m, FactorizedLayer)}
+
+
+def model_params(model: nn.Module, effective: bool = True) -> int:
+    """Parameters of a model, counting only kept rank slices of factorized layers."""
+    layers = factorized_layers(model).values()
+    factor_ids = {id(p) for layer in layers for p in layer.weight.factors}
+    plain = sum(p.numel() for p in model.parameters() if id(p) not in factor_ids)
+    return plain + sum(layer.weight.num_parameters(effective) for layer in layers)
+
+
+def dense_model_params(model: nn.Module) -> int:
+    """Parameters the model would have with every factorized layer dense."""
+    layers = factorized_layers(model).values()
+    return model_params(model) - sum(l.num_parameters() - l.dense_parameters() for l in layers)

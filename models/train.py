@@ -1,0 +1,251 @@
+"""`fit`: one training run of any method, ending at or under the budget, returning the
+result record every report and the CLI use (fields in DESIGN.md §2).
+
+Every compressed method trains for `epochs + finetune_epochs` epochs in total, so
+methods are compared at equal training cost:
+- dense: the uncompressed baseline.
+- fixed: the same rank on every edge, the largest that fits the budget, from the start.
+- posthoc: train dense for `epochs`, decompose at the fixed rank that fits, fine-tune.
+- bayesian, l0, lwiq: tensorize at max_rank, search ranks with the method for
+  `method.search_epochs(epochs)` epochs, select to the budget, prune, train the rest.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.rank_selection import BudgetError, make_method, resolve_budget
+from models.rank_selection.base import minimum_params, tensorized_dense_params, tensorized_params
+from models.rank_selection.hyperparams import METHODS, TRAIN_DEFAULTS
+from models.tensorized import FORMATS, dense_model_params, factorized_layers, model_params, tensorize
+from models.zoo import build_model
+
+
+def _check_train_config(train: dict | None) -> dict:
+    cfg = {**TRAIN_DEFAULTS, **(train or {})}
+    unknown = set(cfg) - set(TRAIN_DEFAULTS)
+    if unknown:
+        raise ValueError(f"train: unknown setting(s) {sorted(unknown)}; known: {sorted(TRAIN_DEFAULTS)}")
+    for key in ("epochs", "batch_size", "max_rank"):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < (0 if key == "epochs" else 1):
+            raise ValueError(f"train.{key}: expected a positive integer, got {cfg[key]!r}")
+    if cfg["optimizer"] not in ("adam", "sgd"):
+        raise ValueError(f"train.optimizer: expected 'adam' or 'sgd', got {cfg['optimizer']!r}")
+    if cfg["schedule"] not in ("cosine", "none"):
+        raise ValueError(f"train.schedule: expected 'cosine' or 'none', got {cfg['schedule']!r}")
+    return cfg
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def make_task(model_name: str, data, cfg: dict, device: torch.device):
+    if model_name == "dlrm":
+        from models.rec_task import RecTask
+
+        return RecTask(data, batch_size=cfg["batch_size"], seed=cfg["seed"], device=device)
+    from models.tasks import ClassificationTask
+
+    return ClassificationTask(data, batch_size=cfg["batch_size"], seed=cfg["seed"], device=device)
+
+
+class Trainer:
+    """Runs epochs, builds a fresh optimizer per phase (pruning replaces parameters),
+    reports each epoch, and stops a diverged run with a clear error."""
+
+    def __init__(self, net: nn.Module, task, cfg: dict, on_epoch: Callable[[dict], None] | None, progress: bool):
+        self.net, self.task, self.cfg = net, task, cfg
+        self.on_epoch, self.progress = on_epoch, progress
+        self.epoch = 0
+        self.total_epochs = cfg["epochs"] + cfg["finetune_epochs"]
+
+    def _optimizer(self, method, lr: float):
+        groups = [{"params": [p for p in self.net.parameters() if p.requires_grad], "lr": lr}]
+        if method is not None:
+            groups += method.param_groups(lr)
+        if self.cfg["optimizer"] == "sgd":
+            return torch.optim.SGD(groups, lr=lr, momentum=self.cfg["momentum"], weight_decay=self.cfg["weight_decay"])
+        return torch.optim.Adam(groups, lr=lr, weight_decay=self.cfg["weight_decay"])
+
+    def _lr(self, epoch: int) -> float:
+        if self.cfg["schedule"] == "none" or self.total_epochs <= 1:
+            return self.cfg["lr"]
+        return self.cfg["lr"] * 0.5 * (1 + math.cos(math.pi * epoch / self.total_epochs))
+
+    def run(self, epochs: int, phase: str, method=None) -> None:
+        if epochs <= 0:
+            return
+        optimizer = self._optimizer(method, self._lr(self.epoch))
+        for _ in range(epochs):
+            scale = self._lr(self.epoch) / self.cfg["lr"]
+            for group in optimizer.param_groups:
+                group.setdefault("base_lr", group["lr"])
+                group["lr"] = group["base_lr"] * scale
+            self.net.train()
+            start, losses = time.perf_counter(), []
+            for b, batch in enumerate(self.task.train_batches(self.epoch)):
+                loss = self.task.loss(self.net, batch)
+                if method is not None:
+                    loss = loss + method.penalty()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"training diverged: loss is {float(loss)} at epoch {self.epoch + 1}, batch {b}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if method is not None:
+                    method.step(self.epoch, b)
+                losses.append(float(loss.detach()))
+            if method is not None:
+                method.end_epoch(self.epoch)
+            self.epoch += 1
+            self._report(phase, float(np.mean(losses)) if losses else float("nan"), time.perf_counter() - start)
+
+    def _report(self, phase: str, loss: float, seconds: float) -> None:
+        metrics = {f"val_{k}": v for k, v in self.task.validate(self.net).items()}
+        row = {"epoch": self.epoch, "phase": phase, "loss": loss, **metrics, "params": model_params(self.net),
+               "epoch_time_s": seconds}
+        if self.progress:
+            shown = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+            print(f"[{self.epoch}/{self.total_epochs}] {shown}", file=sys.stderr, flush=True)
+        if self.on_epoch is not None:
+            self.on_epoch(row)
+
+
+@torch.no_grad()
+def uniform_rank_for_budget(layers: dict, budget_params: int) -> int:
+    """The largest rank r (on every edge, capped at each edge's max) whose layers fit the budget."""
+    best = None
+    top = max(max(layer.max_ranks) for layer in layers.values())
+    for r in range(1, top + 1):
+        total = 0
+        for layer in layers.values():
+            saved = [m.clone() for m in layer.rank_masks]
+            for edge, m in enumerate(saved):
+                keep = torch.arange(m.numel()) < r
+                layer.weight.set_mask(edge, keep)
+            total += layer.num_parameters()
+            for edge, m in enumerate(saved):
+                layer.weight.mask(edge).copy_(m)
+        if total > budget_params:
+            break
+        best = r
+    if best is None:
+        raise BudgetError(
+            f"budget: {budget_params} parameters is below the minimum {minimum_params(layers)} "
+            f"(rank 1 on every edge of {len(layers)} tensorized layers)"
+        )
+    return best
+
+
+def _tensorize(net, fmt, max_rank, cfg, init="random") -> dict:
+    tensorize(net, format=fmt, max_rank=max_rank, min_params=cfg.get("min_params", 1024), init=init)
+    layers = factorized_layers(net)
+    if not layers:
+        raise ValueError("model: no layer is large enough to tensorize (min_params)")
+    return layers
+
+
+def fit(*, model: str = "mlp", dataset: str = "digits", method: str = "fixed", format: str | None = "tt",
+        budget=0.1, train: dict | None = None, method_params: dict | None = None, data=None,
+        dataset_options: dict | None = None, device: str = "auto", on_epoch=None, progress: bool = False,
+        save: str | None = None) -> dict:
+    """Train one model with one method at one budget; returns the run record."""
+    wall_start = time.perf_counter()
+    cfg = _check_train_config(train)
+    if method not in METHODS:
+        raise ValueError(f"method: unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if method != "dense" and format not in FORMATS:
+        raise ValueError(f"format: unknown format {format!r}; expected one of {', '.join(FORMATS)}")
+    seed_everything(cfg["seed"])
+    dev = resolve_device(device)
+    if data is None:
+        from models.data import load_dataset
+
+        data = load_dataset(dataset, seed=cfg["seed"], **(dataset_options or {}))
+    task = make_task(model, data, cfg, dev)
+    net = build_model(model, **task.model_kwargs()).to(dev)
+    trainer = Trainer(net, task, cfg, on_epoch, progress)
+    search_time, method_state, budget_params = 0.0, {}, None
+    total = cfg["epochs"] + cfg["finetune_epochs"]
+
+    if method == "dense":
+        trainer.run(total, "train")
+    elif method == "posthoc":
+        trainer.run(cfg["epochs"], "dense")
+        search_start = time.perf_counter()
+        probe = build_model(model, **task.model_kwargs())
+        layers = _tensorize(probe, format, cfg["max_rank"], cfg)
+        budget_params = resolve_budget(budget, layers)
+        rank = uniform_rank_for_budget(layers, budget_params)
+        _tensorize(net, format, rank, cfg, init="decompose")
+        search_time = time.perf_counter() - search_start
+        trainer.run(cfg["finetune_epochs"], "finetune")
+    else:
+        layers = _tensorize(net, format, cfg["max_rank"], cfg)
+        budget_params = resolve_budget(budget, layers)
+        if method == "fixed":
+            rank = uniform_rank_for_budget(layers, budget_params)
+            for layer in layers.values():
+                for edge, m in enumerate(layer.rank_masks):
+                    layer.weight.set_mask(edge, torch.arange(m.numel()) < rank)
+                layer.prune()
+            trainer.run(total, "train")
+        else:
+            rank_method = make_method(method, **(method_params or {})).to(dev)
+            rank_method.target_params = budget_params
+            rank_method.attach(net)
+            search_start = time.perf_counter()
+            search_epochs = min(rank_method.search_epochs(cfg["epochs"]), cfg["epochs"])
+            trainer.run(search_epochs, "search", rank_method)
+            net.eval()
+            rank_method.measure(net, task.heldout_batches())
+            rank_method.select(budget_params)
+            rank_method.detach()
+            method_state = rank_method.state()
+            for layer in layers.values():
+                layer.prune()
+            search_time = time.perf_counter() - search_start
+            trainer.run(cfg["epochs"] - search_epochs, "train")
+            trainer.run(cfg["finetune_epochs"], "finetune")
+
+    metrics = task.evaluate(net)
+    layers = factorized_layers(net)
+    record = {
+        "model": model, "dataset": dataset if isinstance(dataset, str) else getattr(data, "name", "custom"),
+        "format": None if method == "dense" else format, "method": method,
+        "budget": None if method == "dense" else budget, "seed": cfg["seed"], "config": {**cfg, **(method_params or {})},
+        **metrics,
+        "params": model_params(net), "dense_params": dense_model_params(net),
+        "tensorized_params": tensorized_params(layers), "tensorized_dense_params": tensorized_dense_params(layers),
+        "budget_params": budget_params,
+        "budget_met": None if budget_params is None else tensorized_params(layers) <= budget_params,
+        "ranks": {name: layer.ranks for name, layer in layers.items()},
+        "layers": [{"layer": name, **layer.describe()} for name, layer in layers.items()],
+        "method_state": method_state, "epochs_done": trainer.epoch,
+        "rank_search_time_s": search_time, "wall_time_s": time.perf_counter() - wall_start,
+    }
+    record["compression"] = record["dense_params"] / record["params"]
+    if save:
+        from models.checkpoint import save_compressed
+
+        save_compressed(save, net, record, task.model_kwargs())
+    return record

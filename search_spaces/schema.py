@@ -1,0 +1,334 @@
+"""The search-spec schema: what each section may hold, its defaults, and the checks between sections.
+
+`validate(raw)` returns the fully defaulted spec as a plain dict or raises one SpecError
+listing every problem, each as "field.path: message", so nothing reaches Ray until
+the whole spec is sound. Names of models, formats, methods and hyperparameters come
+from the tables in `models`, so the schema never drifts from what the code runs.
+
+Searching: the grid is model x format x method x budget (x search.seeds). A value
+written as a distribution is sampled inside each cell, `search.samples_per_cell`
+times: by Tune's random sampling with `searcher: grid`, by OptunaSearch with
+`searcher: optuna`. `choice` is a distribution like the others (sampled, not
+expanded into the grid), so the grid axes are always the four named lists.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from models.rank_selection.hyperparams import METHOD_DEFAULTS, METHODS, TRAIN_DEFAULTS
+from models.tensorized.names import FORMATS
+from models.zoo.names import MODELS, REC_MODELS
+
+from .errors import Errors, join, suggest
+from .values import Scalar, check, check_param, is_distribution
+
+DENSE = "dense"  # the uncompressed baseline: one trial per model, formats and budgets ignored
+DATASETS = {  # kind -> how it is written; a ":" means it takes a path
+    "digits": "digits",
+    "mnist": "mnist:DIR",
+    "cifar10": "cifar10:DIR",
+    "criteo": "criteo:PATH",
+    "synthetic-criteo": "synthetic-criteo",
+}
+REC_DATASETS = ("criteo", "synthetic-criteo")
+METRIC_MODES = {  # metric -> the mode used when an objective names none
+    "accuracy": "max",
+    "auc": "max",
+    "logloss": "min",
+    "params": "min",
+    "compression": "max",
+    "tensorized_params": "min",
+    "wall_time_s": "min",
+}
+REC_ONLY_METRICS = ("auc", "logloss")  # reported by DLRM runs only
+IMAGE_ONLY_METRICS = ("accuracy",)  # reported by image-model runs only
+MODES = ("max", "min")
+SEARCHERS = ("grid", "optuna")
+SCHEDULERS = ("fifo", "asha")
+
+SECTIONS = (
+    "name", "description", "models", "dataset", "dataset_options", "formats", "methods",
+    "budgets", "train", "search", "resources", "objectives", "storage",
+)  # fmt: skip
+SEARCH_FIELDS = {  # field -> (default, type; None allowed where the default is None)
+    "searcher": ("grid", Scalar(str, choices=SEARCHERS)),
+    "samples_per_cell": (1, Scalar(int, "positive")),
+    "scheduler": ("fifo", Scalar(str, choices=SCHEDULERS)),
+    "asha_metric": (None, Scalar(str)),  # defaults to the first objective under asha
+    "max_concurrent": (None, Scalar(int, "positive")),
+    "time_budget_s": (None, Scalar(float, "positive")),
+    "seeds": ([0], Scalar(int, "non-negative")),  # one trial per seed in every cell
+    "max_failures": (1, Scalar(int, "non-negative")),  # retries of a failing trial
+}
+RESOURCE_FIELDS = {  # per trial; cpu and gpu are per worker process
+    "cpu": (1.0, Scalar(float, "non-negative")),
+    "gpu": (0.0, Scalar(float, "non-negative")),
+    "workers": (1, Scalar(int, "positive")),
+}
+TRAIN_BOUNDS = {
+    "epochs": "positive",
+    "batch_size": "positive",
+    "lr": "positive",
+    "max_rank": "positive",
+    "momentum": "non-negative",
+    "weight_decay": "non-negative",
+    "finetune_epochs": "non-negative",
+}
+TRAIN_KEYS = tuple(k for k in TRAIN_DEFAULTS if k != "seed")  # seeds live in search.seeds
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # it names the run directory
+
+
+def validate(raw: Any, *, default_name: str = "search", source: str | None = None) -> dict:
+    """The fully defaulted spec dict; raises SpecError listing every problem found."""
+    errors = Errors()
+    if not isinstance(raw, Mapping):
+        errors.add("spec", f"expected a mapping of sections, got {type(raw).__name__}")
+        errors.raise_if_any(source)
+    check_keys(raw, SECTIONS, "", errors)
+    models = _names(raw.get("models"), "models", MODELS, errors, required=True)
+    methods = _methods(raw.get("methods"), errors)
+    spec = {
+        "name": _name(raw.get("name", default_name), errors),
+        "description": _optional(raw.get("description"), Scalar(str), "description", errors) or "",
+        "models": models,
+        "dataset": _dataset(raw.get("dataset"), errors),
+        "dataset_options": _mapping(raw.get("dataset_options"), "dataset_options", errors),
+        "formats": _names(raw.get("formats"), "formats", FORMATS, errors, required=_compresses(methods)),
+        "methods": methods,
+        "budgets": _budgets(raw.get("budgets"), errors, required=_compresses(methods)),
+        "train": _train(raw.get("train"), errors),
+        "search": _fields(raw.get("search"), SEARCH_FIELDS, "search", errors),
+        "resources": _fields(raw.get("resources"), RESOURCE_FIELDS, "resources", errors),
+        "objectives": _objectives(raw.get("objectives"), models, errors),
+        "storage": _optional(raw.get("storage"), Scalar(str), "storage", errors),
+    }
+    _check_search(spec, errors)
+    _check_resources(spec["resources"], errors)
+    _check_dataset_fits_models(spec, errors)
+    errors.raise_if_any(source)
+    return spec
+
+
+def check_keys(mapping: Mapping, allowed, path: str, errors: Errors, what: str = "key") -> None:
+    """Flags keys outside `allowed`, with a "did you mean" for near misses."""
+    for key in mapping:
+        if key not in allowed:
+            errors.add(join(path, str(key)), f"unknown {what}; {suggest(key, allowed)}")
+
+
+def _mapping(value: Any, path: str, errors: Errors) -> dict:
+    """A section that may be left out or empty (YAML `train:` reads as None)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        errors.add(path, f"expected a mapping, got {value!r}")
+        return {}
+    return dict(value)
+
+
+def _as_list(value: Any) -> list:
+    """One or more: a lone value stands for a list of one."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _optional(value: Any, scalar: Scalar, path: str, errors: Errors) -> Any:
+    return None if value is None else check(value, scalar, path, errors)
+
+
+def _unique(items: list, path: str, errors: Errors) -> list:
+    """Drops repeats (which would only duplicate trials), reporting each."""
+    kept = []
+    for i, item in enumerate(items):
+        if item in kept:
+            errors.add(join(path, i), f"duplicate of {join(path, items.index(item))}")
+        elif item is not None:
+            kept.append(item)
+    return kept
+
+
+def _name(value: Any, errors: Errors) -> str | None:
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        errors.add("name", f"expected letters, digits, '_', '.' or '-' (it names the run directory), got {value!r}")
+        return None
+    return value
+
+
+def _names(value: Any, path: str, accepted, errors: Errors, *, required: bool) -> list:
+    """A list of known names (models, formats)."""
+    if value is None:
+        if required:
+            errors.add(path, f"required; list one or more of: {', '.join(accepted)}")
+        return []
+    name = Scalar(str, choices=accepted)
+    return _unique([check(v, name, join(path, i), errors) for i, v in enumerate(_as_list(value))], path, errors)
+
+
+def _dataset(value: Any, errors: Errors) -> str | None:
+    usages = ", ".join(DATASETS.values())
+    if not isinstance(value, str):
+        errors.add("dataset", f"expected one of: {usages}, got {value!r}")
+        return None
+    kind, colon, where = value.partition(":")
+    if check(kind, Scalar(str, choices=tuple(DATASETS)), "dataset", errors) is None:
+        return None
+    takes_path = ":" in DATASETS[kind]
+    if takes_path and not where:
+        errors.add("dataset", f"{kind!r} needs a location: {DATASETS[kind]}")
+        return None
+    if colon and not takes_path:
+        errors.add("dataset", f"{kind!r} takes no location, got {value!r}")
+        return None
+    return value
+
+
+def _methods(value: Any, errors: Errors) -> dict:
+    """Method -> its hyperparameters, every default filled; a list of names means all defaults."""
+    if value is None or value == {} or value == []:
+        errors.add("methods", f"required; name one or more of: {', '.join(METHODS)}")
+        return {}
+    given = {name: None for name in value} if isinstance(value, list) else _mapping(value, "methods", errors)
+    methods = {}
+    for name, params in given.items():
+        path = join("methods", str(name))
+        if check(name, Scalar(str, choices=METHODS), path, errors) is None:
+            continue
+        params = _mapping(params, path, errors)
+        check_keys(params, METHOD_DEFAULTS[name], path, errors, "hyperparameter")
+        methods[name] = {
+            key: check_param(params[key], Scalar.like(default), join(path, key), errors) if key in params else default
+            for key, default in METHOD_DEFAULTS[name].items()
+        }
+    return methods
+
+
+def _compresses(methods: dict) -> bool:
+    """Whether any method compresses, so formats and budgets are needed."""
+    return any(name != DENSE for name in methods)
+
+
+def _budgets(value: Any, errors: Errors, *, required: bool) -> list:
+    """Fractions of the tensorized layers' dense parameter count, or {params: N} absolute counts."""
+    if value is None:
+        if required:
+            errors.add("budgets", "required; list fractions in (0, 1] or {params: N} counts")
+        return []
+    return _unique([_budget(v, join("budgets", i), errors) for i, v in enumerate(_as_list(value))], "budgets", errors)
+
+
+def _budget(value: Any, path: str, errors: Errors) -> float | dict | None:
+    if isinstance(value, Mapping):
+        check_keys(value, ("params",), path, errors)
+        count = check(value.get("params"), Scalar(int, "positive"), join(path, "params"), errors)
+        return None if count is None else {"params": count}
+    fraction = Scalar(float).parse(value)
+    if fraction is None:
+        errors.add(path, f"expected a fraction in (0, 1] or {{params: N}}, got {value!r}")
+    elif not 0 < fraction <= 1:
+        errors.add(path, f"{value} is outside (0, 1]; use {{params: N}} for an absolute count")
+        return None
+    return fraction
+
+
+def _train(value: Any, errors: Errors) -> dict:
+    given = _mapping(value, "train", errors)
+    if "seed" in given:
+        errors.add("train.seed", "set seeds with search.seeds (one trial per seed)")
+        given.pop("seed")
+    check_keys(given, TRAIN_KEYS, "train", errors)
+    return {
+        key: check_param(given[key], _train_scalar(key), join("train", key), errors) if key in given else TRAIN_DEFAULTS[key]
+        for key in TRAIN_KEYS
+    }
+
+
+def _train_scalar(key: str) -> Scalar:
+    return Scalar(type(TRAIN_DEFAULTS[key]), TRAIN_BOUNDS.get(key))
+
+
+def _fields(value: Any, fields: dict, path: str, errors: Errors) -> dict:
+    """A section of plain settings (search, resources): each checked, defaults filled."""
+    given = _mapping(value, path, errors)
+    check_keys(given, fields, path, errors)
+    section = {}
+    for key, (default, scalar) in fields.items():
+        where = join(path, key)
+        if key not in given:
+            section[key] = list(default) if isinstance(default, list) else default
+        elif isinstance(default, list):
+            items = [check(v, scalar, join(where, i), errors) for i, v in enumerate(_as_list(given[key]))]
+            section[key] = _unique(items, where, errors)
+            if not items:
+                errors.add(where, "expected at least one value")
+        else:
+            section[key] = _optional(given[key], scalar, where, errors)
+    return section
+
+
+def _objectives(value: Any, models: list, errors: Errors) -> list:
+    """[{metric, mode}, ...]; a bare metric name takes its usual mode; default quality up, params down."""
+    if value is None:
+        quality = "auc" if any(m in REC_MODELS for m in models) else "accuracy"
+        return [{"metric": quality, "mode": "max"}, {"metric": "params", "mode": "min"}]
+    rec = any(m in REC_MODELS for m in models)
+    if not _as_list(value):
+        errors.add("objectives", "list at least one objective")
+    objectives, metrics = [], []
+    for i, item in enumerate(_as_list(value)):
+        path = join("objectives", i)
+        item = {"metric": item} if isinstance(item, str) else item
+        if not isinstance(item, Mapping):
+            errors.add(path, f"expected {{metric: M, mode: max|min}}, got {item!r}")
+            continue
+        check_keys(item, ("metric", "mode"), path, errors)
+        metric = check(item.get("metric"), Scalar(str, choices=tuple(METRIC_MODES)), join(path, "metric"), errors)
+        mode = check(item.get("mode", METRIC_MODES.get(metric, "max")), Scalar(str, choices=MODES), join(path, "mode"), errors)
+        metrics.append(metric)
+        if metric and mode:
+            objectives.append({"metric": metric, "mode": mode})
+    _unique(metrics, "objectives", errors)
+    for i, metric in enumerate(metrics):
+        if metric in (IMAGE_ONLY_METRICS if rec else REC_ONLY_METRICS):
+            family = "DLRM runs" if rec else "image models"
+            errors.add(join(join("objectives", i), "metric"), f"{metric!r} is not reported by {family}")
+    return objectives
+
+
+def _check_search(spec: dict, errors: Errors) -> None:
+    """The ASHA metric, and that the searcher and samples_per_cell have something to sample."""
+    search = spec["search"]
+    metrics = [o["metric"] for o in spec["objectives"]]
+    if search["scheduler"] == "asha":
+        search["asha_metric"] = search["asha_metric"] or (metrics[0] if metrics else None)
+        if search["asha_metric"] not in metrics:
+            errors.add("search.asha_metric", f"{search['asha_metric']!r} is not an objective ({', '.join(metrics)})")
+    elif search["asha_metric"] is not None:
+        errors.add("search.asha_metric", "only used with scheduler: asha")
+    sampled = [*spec["train"].values(), *(v for params in spec["methods"].values() for v in params.values())]
+    if any(is_distribution(v) for v in sampled):
+        return
+    if search["searcher"] == "optuna":
+        errors.add("search.searcher", "optuna needs at least one distribution to sample; use grid")
+    if (search["samples_per_cell"] or 1) > 1:
+        errors.add(
+            "search.samples_per_cell",
+            f"{search['samples_per_cell']} samples per cell but no distribution to sample; use search.seeds to repeat trials",
+        )
+
+
+def _check_resources(resources: dict, errors: Errors) -> None:
+    if resources["cpu"] == 0 and resources["gpu"] == 0:
+        errors.add("resources", "a trial must ask for some cpu or gpu")
+
+
+def _check_dataset_fits_models(spec: dict, errors: Errors) -> None:
+    """DLRM reads Criteo-style data; the image models read everything else."""
+    if spec["dataset"] is None:
+        return
+    kind = spec["dataset"].partition(":")[0]
+    for i, model in enumerate(spec["models"]):
+        if (model in REC_MODELS) != (kind in REC_DATASETS):
+            fits = [u for k, u in DATASETS.items() if (k in REC_DATASETS) == (model in REC_MODELS)]
+            errors.add("dataset", f"{spec['dataset']!r} does not fit model {model!r} (models[{i}]); it reads {', '.join(fits)}")
