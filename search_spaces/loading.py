@@ -66,4 +66,4 @@ def _resolve(source: str | os.PathLike) -> Path:
         return path
     if str(source) in list_presets():
         return preset_path(str(source))
-    raise SpecError([f"spec: no file {str(source)!r} and no preset of that name; presets: {', '.join(list_presets())}"])
+    raise SpecError([f"spec: no file {str(source)!r} and no preset of that name; {suggest(source, list_presets())}"])

@@ -39,9 +39,10 @@ METHOD_DEFAULTS = {
         "freeze_at_target": True,
     },
     "lwiq": {
-        "measure_batches": 4,  # held-out batches for the imprinted proxy classifiers
+        "warmup_epochs": 1,  # ordinary training before measuring, so features mean something
+        "measure_batches": 8,  # held-out batches: half imprint the proxy classifiers, half score them
         "pool_features": 128,  # pooled feature size per layer
-        "min_share": 0.05,  # floor of each layer's share so no layer starves
+        "min_share": 0.05,  # floor of each layer's rank fraction so no layer starves
     },
     "fixed": {},
     "posthoc": {},

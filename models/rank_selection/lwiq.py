@@ -1,0 +1,275 @@
+"""LWIQ: layer-wise imprinting quantitation (Luo, Liu et al., arXiv 2408.01534).
+
+Each layer's significance is how much a cheap proxy classifier built on its
+output beats the one built on the previous layer's; ranks then follow
+significance, scaled by one factor to any budget. Measuring is forward passes
+only, and a new budget reuses the measurement, which is where the speed-up over
+search methods comes from. The paper has no public code; these are our choices:
+
+- Warm-up: `warmup_epochs` (default 1) of ordinary training before measuring, so
+  features mean something; the remaining epochs train the pruned model.
+- Features: each factorized layer's output (before any activation that follows
+  it), caught by forward hooks; layer order is the order they first run, so
+  model code that registers modules out of order is still measured in execution
+  order. A layer run several times in one forward is measured at its first call.
+  Pooling to at most `pool_features` values: conv outputs are averaged over
+  space, then over groups of channels when there are more channels than that;
+  linear / embedding outputs (B, ..., F) are averaged over the middle dims, then
+  over groups of features. Narrower outputs are kept whole.
+- Baseline (layer 0): the model input flattened and pooled the same way when it
+  is a float tensor; otherwise (ids, a tuple of inputs) predicting the most
+  frequent class, the accuracy of a classifier without features.
+- Proxy classifier: weight imprinting (Qi et al., CVPR 2018): class weight =
+  normalized sum of the L2-normalized features of that class, prediction =
+  argmax cosine similarity. Up to `measure_batches` held-out batches; the first
+  ceil(n/2) imprint, the rest are scored (one batch: its two halves). Classes
+  absent from the imprinting half are never predicted. Labels are cast to int
+  (binary CTR labels become classes 0/1).
+- Significance: gain = acc(l) - acc(previous measured layer or input), clipped at
+  0 (a layer that loses information earns nothing beyond the floor) and divided
+  by the largest gain. If no layer gains, all layers count equally. Layers
+  between factorized ones that are not factorized are credited to the next
+  factorized layer. A factorized layer that never ran gets significance 0.
+- Allocation: layer l keeps a fraction f_l(a) = clip(a * s_l, min(min_share, a), 1)
+  of the max rank on every edge, r_e = max(1, round(f_l * max_rank_e)); the one
+  scale a is the largest found by bisection with total effective parameters
+  (biases included) <= budget. For a >= min_share every layer keeps at least
+  `min_share`; below it the floor shrinks with a, so budgets down to rank 1
+  everywhere stay reachable on the same monotone knob (a = 0 is rank 1
+  everywhere). Ranks never shrink as the budget grows.
+- Slices within an edge: the r_e with the largest norm, a slice's norm being the
+  product of its norms in every factor the edge indexes (a CP component's scale,
+  a TT core pair's shared slice), rather than the first r_e indices.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.tensorized import FactorizedConv2d
+
+from .base import BudgetError, RankMethod, resolve_budget
+from .hyperparams import METHOD_DEFAULTS
+
+
+def pool_features(t: torch.Tensor, size: int, spatial: bool = False) -> torch.Tensor:
+    """(B, C, *space) with `spatial`, else (B, ..., F) -> (B, <= size) float features on the CPU."""
+    t = t.detach().float()
+    if t.dim() > 2:
+        t = t.flatten(2).mean(2) if spatial else t.flatten(1, -2).mean(1)
+    if t.shape[1] > size:
+        t = F.adaptive_avg_pool1d(t.unsqueeze(1), size).squeeze(1)
+    return t.cpu()
+
+
+def imprint_accuracy(fit_x: torch.Tensor, fit_y: torch.Tensor, eval_x: torch.Tensor, eval_y: torch.Tensor) -> float:
+    """Accuracy on (eval_x, eval_y) of the cosine classifier imprinted from (fit_x, fit_y)."""
+    classes = int(max(fit_y.max(), eval_y.max())) + 1
+    sums = torch.zeros(classes, fit_x.shape[1]).index_add_(0, fit_y, F.normalize(fit_x, dim=1))
+    scores = F.normalize(eval_x, dim=1) @ F.normalize(sums, dim=1).T
+    scores[:, torch.bincount(fit_y, minlength=classes) == 0] = -math.inf
+    return float((scores.argmax(1) == eval_y).float().mean())
+
+
+def slice_norms(weight) -> list[torch.Tensor]:
+    """Per edge of a FactorizedTensor: each slice's norm, multiplied over the factors the edge indexes."""
+    norms = []
+    for edge, size in enumerate(weight.max_ranks):
+        score = torch.ones(size)
+        for f, d in weight.edge_members(edge):
+            factor = weight.factors[f].detach()
+            score = score * factor.movedim(d, 0).reshape(size, -1).norm(dim=1).cpu()
+        norms.append(score)
+    return norms
+
+
+def _params_at(layer, ranks: list[int]) -> int:
+    """What `layer.num_parameters()` would count with `ranks` kept, without touching its masks."""
+    w = layer.weight
+    bias = layer.num_parameters(False) - w.num_parameters(False)
+    return bias + sum(
+        math.prod(ranks[lb[1]] if lb[0] == "edge" else n for lb, n in zip(labels, factor.shape))
+        for labels, factor in zip(w.labels, w.factors)
+    )
+
+
+def _to(obj, device):
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    return obj.to(device) if hasattr(obj, "to") else obj
+
+
+class LWIQRank(RankMethod):
+    name = "lwiq"
+
+    def __init__(self, **hyperparameters):
+        super().__init__(**{**METHOD_DEFAULTS["lwiq"], **hyperparameters})
+        for key in ("measure_batches", "pool_features"):
+            if isinstance(self.hp[key], bool) or not isinstance(self.hp[key], int) or self.hp[key] < 1:
+                raise ValueError(f"lwiq: {key} must be an integer >= 1, got {self.hp[key]!r}")
+        if not 0 < self.hp["min_share"] <= 1:
+            raise ValueError(f"lwiq: min_share must lie in (0, 1], got {self.hp['min_share']!r}")
+        if not isinstance(self.hp["warmup_epochs"], int) or self.hp["warmup_epochs"] < 0:
+            raise ValueError(f"lwiq: warmup_epochs must be an integer >= 0, got {self.hp['warmup_epochs']!r}")
+        self._attach()
+
+    def _attach(self) -> None:
+        """A new attachment forgets any earlier measurement."""
+        self.significance: dict[str, float] | None = None
+        self.proxy_accuracy: dict[str, float | None] = {}
+        self.gain: dict[str, float] = {}
+        self.input_accuracy = math.nan
+        self.measure_time_s = math.nan
+        self.measure_samples = 0
+        self.scale: float | None = None
+
+    def search_epochs(self, epochs: int) -> int:
+        return min(self.hp["warmup_epochs"], epochs)
+
+    # -- measuring -------------------------------------------------------------------------
+    @torch.no_grad()
+    def measure(self, model: nn.Module, batches) -> None:
+        """Pooled features of every factorized layer on held-out batches, imprinted proxy
+        accuracies, and from them each layer's significance."""
+        if not self.layers:
+            raise RuntimeError("lwiq: attach(model) before measure()")
+        start = time.perf_counter()
+        size = self.hp["pool_features"]
+        feats: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
+        order: list[str] = []
+        seen: set[str] = set()  # layers already recorded in the current forward
+
+        def hook(name, spatial):
+            def record(module, args, output):
+                if name not in seen:
+                    seen.add(name)
+                    if name not in order:
+                        order.append(name)
+                    feats[name].append(pool_features(output, size, spatial))
+            return record
+
+        handles = [layer.register_forward_hook(hook(name, isinstance(layer, FactorizedConv2d)))
+                   for name, layer in self.layers.items()]
+        device = next(iter(self.layers.values())).weight.factors[0].device
+        inputs, labels = [], []
+        was_training = model.training
+        model.eval()
+        try:
+            for x, y in itertools.islice(batches, self.hp["measure_batches"]):
+                seen.clear()
+                x = _to(x, device)
+                model(*x) if isinstance(x, (tuple, list)) else model(x)
+                is_features = torch.is_tensor(x) and x.is_floating_point()
+                inputs.append(pool_features(x.reshape(len(x), -1), size) if is_features else None)
+                labels.append(torch.as_tensor(y).reshape(-1).long().cpu())
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+        if not labels:
+            raise ValueError("lwiq: measure() got no held-out batches")
+
+        y = torch.cat(labels)
+        n = len(labels)
+        cut = sum(len(b) for b in labels[: (n + 1) // 2]) if n > 1 else len(y) // 2
+        fit_y, eval_y = y[:cut], y[cut:]
+
+        def accuracy(chunks):
+            x = torch.cat(chunks)
+            return imprint_accuracy(x[:cut], fit_y, x[cut:], eval_y)
+
+        if all(i is not None for i in inputs):
+            prev = accuracy(inputs)
+        else:
+            prev = float((eval_y == torch.mode(fit_y).values).float().mean())
+        self.input_accuracy = prev
+        self.proxy_accuracy, self.gain = {}, {}
+        for name in order + [name for name in self.layers if name not in order]:
+            if len(feats[name]) != n:  # never ran (or not on every batch): nothing to measure
+                self.proxy_accuracy[name], self.gain[name] = None, 0.0
+                continue
+            acc = accuracy(feats[name])
+            self.proxy_accuracy[name], self.gain[name] = acc, acc - prev
+            prev = acc
+        top = max(max(self.gain.values()), 0.0)
+        self.significance = {name: max(g, 0.0) / top if top > 0 else 1.0 for name, g in self.gain.items()}
+        self.measure_samples = len(y)
+        self.measure_time_s = time.perf_counter() - start
+
+    # -- allocating ------------------------------------------------------------------------
+    def _ranks(self, scale: float) -> dict[str, list[int]]:
+        floor = min(self.hp["min_share"], scale)
+        ranks = {}
+        for name, layer in self.layers.items():
+            share = min(max(scale * self.significance[name], floor), 1.0)
+            ranks[name] = [max(1, round(share * m)) for m in layer.max_ranks]
+        return ranks
+
+    def _total(self, scale: float) -> int:
+        return sum(_params_at(self.layers[name], r) for name, r in self._ranks(scale).items())
+
+    def _solve(self, budget) -> float:
+        """The largest scale whose ranks fit the budget (bisection; parameters grow with the scale)."""
+        if self.significance is None:
+            raise RuntimeError("lwiq: no measurement yet; call measure(model, held_out_batches) before select/allocate")
+        budget = resolve_budget(budget, self.layers)
+        floor = self._total(0.0)
+        if budget < floor:
+            raise BudgetError(
+                f"budget: {budget} parameters is below the minimum {floor} (rank 1 on every edge of "
+                f"{len(self.layers)} tensorized layers)"
+            )
+        lo, hi = 0.0, 1.0 / min(s for s in self.significance.values() if s > 0)  # hi: every significant layer full
+        if self._total(hi) <= budget:
+            return hi
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self._total(mid) <= budget else (lo, mid)
+        return lo
+
+    def allocate(self, budget) -> dict[str, list[int]]:
+        """Ranks per layer for `budget` (fraction or parameter count) from the stored
+        measurement; changes no mask, so many budgets can be inspected cheaply."""
+        return self._ranks(self._solve(budget))
+
+    @torch.no_grad()
+    def select(self, budget_params) -> dict[str, list[int]]:
+        """Masks for `budget_params`: allocated ranks, largest-norm slices kept on each edge.
+        Every mask is rewritten, so earlier selections leave no trace."""
+        self.scale = self._solve(budget_params)
+        for name, ranks in self._ranks(self.scale).items():
+            weight = self.layers[name].weight
+            for edge, (r, norms) in enumerate(zip(ranks, slice_norms(weight))):
+                keep = torch.zeros(len(norms), dtype=torch.bool)
+                keep[torch.topk(norms, r).indices] = True
+                weight.set_mask(edge, keep)
+        return {name: layer.ranks for name, layer in self.layers.items()}
+
+    def importance(self) -> dict[str, list[torch.Tensor]]:
+        """Slice norms (the order used within an edge), normalized per edge and weighted by the
+        layer's floored significance so that scores also rank layers against each other."""
+        out = {}
+        for name, layer in self.layers.items():
+            weight = 1.0 if self.significance is None else max(self.significance[name], self.hp["min_share"])
+            out[name] = [weight * n / n.max().clamp_min(1e-12) for n in slice_norms(layer.weight)]
+        return out
+
+    def state(self) -> dict:
+        if self.significance is None:
+            return {}
+        return {
+            "layer_order": list(self.proxy_accuracy),
+            "input_proxy_accuracy": self.input_accuracy,
+            "proxy_accuracy": dict(self.proxy_accuracy),
+            "gain": dict(self.gain),
+            "significance": dict(self.significance),
+            "scale": self.scale,
+            "measure_samples": self.measure_samples,
+            "measure_time_s": self.measure_time_s,
+        }
