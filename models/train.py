@@ -157,7 +157,10 @@ def uniform_rank_for_budget(layers: dict, budget_params: int) -> int:
 
 
 def _tensorize(net, fmt, max_rank, cfg, init="random") -> dict:
-    tensorize(net, format=fmt, max_rank=max_rank, min_params=cfg.get("min_params", 1024), init=init)
+    # a model may restrict which of its layers tensorize may replace (DLRM: its tables are factorized
+    # at construction; only the MLPs, if asked, or after a dense build the large tables)
+    tensorize(net, format=fmt, max_rank=max_rank, min_params=cfg.get("min_params", 1024), init=init,
+              **getattr(net, "tensorize_options", {}))
     layers = factorized_layers(net)
     if not layers:
         raise ValueError("model: no layer is large enough to tensorize (min_params)")
@@ -166,9 +169,12 @@ def _tensorize(net, fmt, max_rank, cfg, init="random") -> dict:
 
 def fit(*, model: str = "mlp", dataset: str = "digits", method: str = "fixed", format: str | None = "tt",
         budget=0.1, train: dict | None = None, method_params: dict | None = None, data=None,
-        dataset_options: dict | None = None, device: str = "auto", on_epoch=None, progress: bool = False,
-        save: str | None = None) -> dict:
-    """Train one model with one method at one budget; returns the run record."""
+        dataset_options: dict | None = None, model_options: dict | None = None, device: str = "auto",
+        on_epoch=None, progress: bool = False, save: str | None = None) -> dict:
+    """Train one model with one method at one budget; returns the run record.
+
+    `model_options` go to the model's builder (e.g. dlrm: embedding_dim, min_rows, dense_arch, ...).
+    """
     wall_start = time.perf_counter()
     cfg = _check_train_config(train)
     if method not in METHODS:
@@ -182,7 +188,19 @@ def fit(*, model: str = "mlp", dataset: str = "digits", method: str = "fixed", f
 
         data = load_dataset(dataset, seed=cfg["seed"], **(dataset_options or {}))
     task = make_task(model, data, cfg, dev)
-    net = build_model(model, **task.model_kwargs()).to(dev)
+    model_options = dict(model_options or {})
+    if getattr(task, "factorized_build", False) and {"format", "max_rank"} & set(model_options):
+        raise ValueError("model_options: format and max_rank are set by fit's format and train.max_rank")
+
+    def model_kwargs(fmt) -> dict:
+        """A task with `factorized_build` (DLRM) has its large tables factorized at construction in
+        `fmt` at train.max_rank (None: all dense), so they are never allocated dense."""
+        kwargs = {**task.model_kwargs(), **model_options}
+        if getattr(task, "factorized_build", False):
+            kwargs.update(format=fmt, max_rank=cfg["max_rank"])
+        return kwargs
+
+    net = build_model(model, **model_kwargs(None if method in ("dense", "posthoc") else format)).to(dev)
     trainer = Trainer(net, task, cfg, on_epoch, progress)
     search_time, method_state, budget_params = 0.0, {}, None
     total = cfg["epochs"] + cfg["finetune_epochs"]
@@ -192,7 +210,7 @@ def fit(*, model: str = "mlp", dataset: str = "digits", method: str = "fixed", f
     elif method == "posthoc":
         trainer.run(cfg["epochs"], "dense")
         search_start = time.perf_counter()
-        probe = build_model(model, **task.model_kwargs())
+        probe = build_model(model, **model_kwargs(format))
         layers = _tensorize(probe, format, cfg["max_rank"], cfg)
         budget_params = resolve_budget(budget, layers)
         rank = uniform_rank_for_budget(layers, budget_params)
@@ -233,6 +251,7 @@ def fit(*, model: str = "mlp", dataset: str = "digits", method: str = "fixed", f
         "model": model, "dataset": dataset if isinstance(dataset, str) else getattr(data, "name", "custom"),
         "format": None if method == "dense" else format, "method": method,
         "budget": None if method == "dense" else budget, "seed": cfg["seed"], "config": {**cfg, **(method_params or {})},
+        "model_options": model_options,
         **metrics,
         "params": model_params(net), "dense_params": dense_model_params(net),
         "tensorized_params": tensorized_params(layers), "tensorized_dense_params": tensorized_dense_params(layers),
@@ -247,5 +266,5 @@ def fit(*, model: str = "mlp", dataset: str = "digits", method: str = "fixed", f
     if save:
         from models.checkpoint import save_compressed
 
-        save_compressed(save, net, record, task.model_kwargs())
+        save_compressed(save, net, record, model_kwargs(None if method == "dense" else format))
     return record

@@ -26,11 +26,11 @@ from .errors import Errors, join, suggest
 from .values import Scalar, check, check_param, is_distribution
 
 DENSE = "dense"  # the uncompressed baseline: one trial per model, formats and budgets ignored
-DATASETS = {  # kind -> how it is written; a ":" means it takes a path
+DATASETS = {  # kind (models.data.DATASETS) -> how it is written; a ":" means it takes a location
     "digits": "digits",
     "mnist": "mnist:DIR",
     "cifar10": "cifar10:DIR",
-    "criteo": "criteo:PATH",
+    "criteo": "criteo:FILE_OR_DIR",
     "synthetic-criteo": "synthetic-criteo",
 }
 REC_DATASETS = ("criteo", "synthetic-criteo")
@@ -92,10 +92,10 @@ def validate(raw: Any, *, default_name: str = "search", source: str | None = Non
     methods = _methods(raw.get("methods"), errors)
     spec = {
         "name": _name(raw.get("name", default_name), errors),
-        "description": _optional(raw.get("description"), Scalar(str), "description", errors) or "",
+        "description": _optional(raw.get("description"), Scalar(str), "description", errors),
         "models": models,
         "dataset": _dataset(raw.get("dataset"), errors),
-        "dataset_options": _mapping(raw.get("dataset_options"), "dataset_options", errors),
+        "dataset_options": _dataset_options(raw.get("dataset_options"), errors),
         "formats": _names(raw.get("formats"), "formats", FORMATS, errors, required=_compresses(methods)),
         "methods": methods,
         "budgets": _budgets(raw.get("budgets"), errors, required=_compresses(methods)),
@@ -184,16 +184,29 @@ def _dataset(value: Any, errors: Errors) -> str | None:
     return value
 
 
+def _dataset_options(value: Any, errors: Errors) -> dict:
+    """Free keyword arguments of models.data.load_dataset (max_train, table_sizes, ...), less its seed."""
+    options = _mapping(value, "dataset_options", errors)
+    if "seed" in options:
+        errors.add("dataset_options.seed", "set seeds with search.seeds (the data seed follows the trial's)")
+    return options
+
+
 def _methods(value: Any, errors: Errors) -> dict:
     """Method -> its hyperparameters, every default filled; a list of names means all defaults."""
     if value is None or value == {} or value == []:
         errors.add("methods", f"required; name one or more of: {', '.join(METHODS)}")
         return {}
-    given = {name: None for name in value} if isinstance(value, list) else _mapping(value, "methods", errors)
+    method = Scalar(str, choices=METHODS)
+    if isinstance(value, list):
+        names = [check(name, method, join("methods", i), errors) for i, name in enumerate(value)]
+        given = {name: None for name in names if name is not None}
+    else:
+        given = _mapping(value, "methods", errors)
     methods = {}
     for name, params in given.items():
         path = join("methods", str(name))
-        if check(name, Scalar(str, choices=METHODS), path, errors) is None:
+        if check(name, method, path, errors) is None:
             continue
         params = _mapping(params, path, errors)
         check_keys(params, METHOD_DEFAULTS[name], path, errors, "hyperparameter")
@@ -269,10 +282,9 @@ def _fields(value: Any, fields: dict, path: str, errors: Errors) -> dict:
 
 def _objectives(value: Any, models: list, errors: Errors) -> list:
     """[{metric, mode}, ...]; a bare metric name takes its usual mode; default quality up, params down."""
-    if value is None:
-        quality = "auc" if any(m in REC_MODELS for m in models) else "accuracy"
-        return [{"metric": quality, "mode": "max"}, {"metric": "params", "mode": "min"}]
     rec = any(m in REC_MODELS for m in models)
+    if value is None:
+        return [{"metric": "auc" if rec else "accuracy", "mode": "max"}, {"metric": "params", "mode": "min"}]
     if not _as_list(value):
         errors.add("objectives", "list at least one objective")
     objectives, metrics = [], []
@@ -302,7 +314,7 @@ def _check_search(spec: dict, errors: Errors) -> None:
     metrics = [o["metric"] for o in spec["objectives"]]
     if search["scheduler"] == "asha":
         search["asha_metric"] = search["asha_metric"] or (metrics[0] if metrics else None)
-        if search["asha_metric"] not in metrics:
+        if metrics and search["asha_metric"] not in metrics:
             errors.add("search.asha_metric", f"{search['asha_metric']!r} is not an objective ({', '.join(metrics)})")
     elif search["asha_metric"] is not None:
         errors.add("search.asha_metric", "only used with scheduler: asha")
@@ -328,7 +340,7 @@ def _check_dataset_fits_models(spec: dict, errors: Errors) -> None:
     if spec["dataset"] is None:
         return
     kind = spec["dataset"].partition(":")[0]
-    for i, model in enumerate(spec["models"]):
+    for model in spec["models"]:
         if (model in REC_MODELS) != (kind in REC_DATASETS):
             fits = [u for k, u in DATASETS.items() if (k in REC_DATASETS) == (model in REC_MODELS)]
-            errors.add("dataset", f"{spec['dataset']!r} does not fit model {model!r} (models[{i}]); it reads {', '.join(fits)}")
+            errors.add("dataset", f"{spec['dataset']!r} does not fit model {model!r}, which reads {', '.join(fits)}")

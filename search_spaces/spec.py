@@ -19,7 +19,7 @@ class Spec:
     """
 
     name: str
-    description: str
+    description: str | None
     models: list
     dataset: str
     dataset_options: dict
@@ -37,8 +37,10 @@ class Spec:
         return dataclasses.asdict(self)
 
     def cells(self) -> list[dict]:
-        """The grid: {model, format, method, budget} per cell; `dense` has one cell per model
-        (format and budget None). Seeds and samples_per_cell multiply each cell into trials."""
+        """The grid: {model, format, method, budget} per cell, in `fit`'s terms: budget is a float
+        fraction or an int count (from {params: N}). `dense` has one cell per model, format and
+        budget None. Seeds and samples_per_cell multiply each cell into trials."""
+        budgets = [b["params"] if isinstance(b, dict) else b for b in self.budgets]
         cells = []
         for model in self.models:
             for method in self.methods:
@@ -46,8 +48,8 @@ class Spec:
                     cells.append({"model": model, "format": None, "method": method, "budget": None})
                     continue
                 for fmt in self.formats:
-                    for budget in self.budgets:
-                        cells.append({"model": model, "format": fmt, "method": method, "budget": copy.deepcopy(budget)})
+                    for budget in budgets:
+                        cells.append({"model": model, "format": fmt, "method": method, "budget": budget})
         return cells
 
     def method_params(self, method: str) -> dict:

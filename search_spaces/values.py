@@ -3,7 +3,7 @@
 A hyperparameter is either a plain value (fixed) or a one-key dict naming a
 distribution: {loguniform: [lo, hi]}, {uniform: [lo, hi]}, {int: [lo, hi]} or
 {choice: [a, b, ...]}. Bounds and options are checked like fixed values, so
-{loguniform: [0, 1]} on a positive field fails with the field named.
+`lr: {uniform: [-1, 1]}` fails as "train.lr.uniform[0]: expected a positive number".
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ _NOUNS = {int: "integer", float: "number", str: "string"}
 
 
 def is_distribution(value: Any) -> bool:
-    """True for a validated distribution dict such as {"loguniform": [1e-5, 1e-3]}."""
+    """True for a distribution dict such as {"loguniform": [1e-5, 1e-3]}, False for a fixed value."""
     return isinstance(value, Mapping) and len(value) == 1 and next(iter(value)) in DISTRIBUTIONS
 
 

@@ -60,10 +60,23 @@ class RecBatch:
 
 
 def make_batch(dense: torch.Tensor, sparse: torch.Tensor, labels: torch.Tensor) -> RecBatch:
-    """Wrap (B, 26) ids as a KeyedJaggedTensor: values ordered key by key, every length 1."""
-    values = sparse.t().reshape(-1)
-    lengths = torch.ones(values.numel(), dtype=torch.int32)
-    return RecBatch(dense, KeyedJaggedTensor.from_lengths_sync(FEATURE_NAMES, values, lengths), labels)
+    """Wrap (B, 26) ids as a KeyedJaggedTensor: values key by key, every length 1.
+
+    All lengths and offsets are known, so they are passed in (as torchrec's own in-memory Criteo
+    reader does) instead of being computed and synced per batch.
+    """
+    batch_size = len(labels)
+    num_ids = batch_size * NUM_SPARSE
+    kjt = KeyedJaggedTensor(
+        keys=FEATURE_NAMES,
+        values=sparse.t().reshape(-1),
+        lengths=torch.ones(num_ids, dtype=torch.int32),
+        offsets=torch.arange(num_ids + 1, dtype=torch.int32),
+        stride=batch_size,
+        length_per_key=[batch_size] * NUM_SPARSE,
+        offset_per_key=list(range(0, num_ids + 1, batch_size)),
+    )
+    return RecBatch(dense, kjt, labels)
 
 
 @dataclass
@@ -154,7 +167,8 @@ def _read_chunks(path: Path) -> Iterator[bytes]:
                 cut = data.rfind(b"\n") + 1
                 if cut == 0 and len(data) > MAX_LINE_BYTES:
                     raise DatasetError(f"criteo: {path} has no line break in its first {len(data)} bytes; not a Criteo TSV")
-                yield data[:cut]
+                if cut:
+                    yield data[:cut]
                 rest = data[cut:]
             if rest:
                 yield rest + b"\n"

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 NUM_DENSE = 13
 NUM_SPARSE = 26
@@ -19,16 +18,31 @@ NUM_FIELDS = 1 + NUM_DENSE + NUM_SPARSE
 # Why a line is skipped, in the order they are checked (a line counts under its first reason).
 REASONS = ("field_count", "bad_label", "bad_dense", "bad_sparse")
 MAX_HEX_DIGITS = 16  # ids must fit 64 bits before hashing (Criteo's are 8 hex digits)
-MAX_DENSE_CHARS = 20  # longer "integers" are garbage, and would make the gather below wide
+MAX_DENSE_DIGITS = 19  # the most a uint64 holds exactly; longer "integers" are garbage
 
 _TAB, _NL, _CR, _MINUS = 9, 10, 13, ord("-")
-_HEX_VALUE = np.full(256, 255, np.uint8)
+_HEX_NIBBLE = np.full(256, 0x80, np.uint8)  # character -> nibble; 0x80 marks a non-hex character
 for _i, _c in enumerate(b"0123456789abcdef"):
-    _HEX_VALUE[_c] = _i
+    _HEX_NIBBLE[_c] = _i
 for _i, _c in enumerate(b"ABCDEF"):
-    _HEX_VALUE[_c] = 10 + _i
-_POW10 = 10.0 ** np.arange(MAX_DENSE_CHARS + 1)
-
+    _HEX_NIBBLE[_c] = 10 + _i
+_ONE, _FOUR, _EIGHT, _ALL_ONES = np.uint64(1), np.uint64(4), np.uint64(8), np.uint64(2**64 - 1)
+_ASCII_ZEROS, _HIGH_BITS = np.uint64(0x3030303030303030), np.uint64(0x8080808080808080)
+_HEX_PACK_STEPS = [
+    (np.uint64(4), np.uint64(0x00FF00FF00FF00FF)),
+    (np.uint64(8), np.uint64(0x0000FFFF0000FFFF)),
+    (np.uint64(16), np.uint64(0x00000000FFFFFFFF)),
+]
+# Decimal: every byte is a digit iff its high nibble is 3 and adding 6 keeps it 3 (simdjson's check);
+# then three multiply-shift steps combine digit pairs, quads and octets (simdjson's parse_eight_digits).
+_HIGH_NIBBLES, _SIXES = np.uint64(0xF0F0F0F0F0F0F0F0), np.uint64(0x0606060606060606)
+_ALL_THREES = np.uint64(0x3333333333333333)
+_DECIMAL_PACK_STEPS = [
+    (np.uint64(0x0F0F0F0F0F0F0F0F), np.uint64(2561), np.uint64(8)),
+    (np.uint64(0x00FF00FF00FF00FF), np.uint64(6553601), np.uint64(16)),
+    (np.uint64(0x0000FFFF0000FFFF), np.uint64(42949672960001), np.uint64(32)),
+]
+_POW10 = np.array([10**i for i in range(9)], dtype=np.uint64)
 
 @dataclass
 class ParsedChunk:
@@ -43,49 +57,65 @@ class ParsedChunk:
     first_bad: str | None  # what is wrong with the first bad line, for strict mode
 
 
-def _windows(padded: np.ndarray, starts: np.ndarray, lengths: np.ndarray, width: int):
-    """The first `width` bytes from each field start (one row copy per field), and which lie inside the field."""
-    chars = sliding_window_view(padded, width)[starts]
-    return chars, np.arange(width) < lengths[..., None]
+# Both parsers work SWAR-style on 8-byte words: a field's characters are loaded 8 at a time as one
+# little-endian integer (first character in the low byte), bytes past the field become '0', and a
+# few whole-word operations validate and convert all 8 characters at once. Each word's value is
+# right-aligned by the digits it lacks and appended to the field's value so far.
 
 
-def _parse_hex(padded, starts, lengths, table_sizes):
-    """Hashed ids (value % table size) and a per-field error mask.
+def _field_word(words: np.ndarray, starts: np.ndarray, lengths: np.ndarray, k: int):
+    """Characters k..k+7 of each field with the bytes past its end set to '0', and how many are inside."""
+    inside = np.clip(lengths - k, 0, 8).astype(np.uint64)
+    keep = np.where(inside == 8, _ALL_ONES, (_ONE << (_EIGHT * inside)) - _ONE)
+    return (words[starts + k] & keep) | (_ASCII_ZEROS & ~keep), inside
 
-    Nibbles are packed into bytes and read as one big-endian integer per field, left-aligned in
-    `width` digits; shifting right by the missing digits gives the value.
-    """
+
+def _parse_hex(words, starts, lengths, table_sizes):
+    """Hashed ids (value % table size) and a per-field error mask."""
     width = 8 if lengths.max(initial=0) <= 8 else MAX_HEX_DIGITS
-    chars, inside = _windows(padded, starts, lengths, width)
-    nibbles = _HEX_VALUE[chars]
-    bad = (lengths > MAX_HEX_DIGITS) | (inside & (nibbles == 255)).any(-1)
-    nibbles *= inside
-    packed = np.ascontiguousarray((nibbles[..., 0::2] << 4) | nibbles[..., 1::2])
-    left_aligned = packed.view(f">u{width // 2}")[..., 0].astype(np.uint64)
-    missing = (width - np.clip(lengths, 0, width)).astype(np.uint64)
-    values = np.where(lengths > 0, left_aligned >> (np.uint64(4) * missing), 0).astype(np.uint64)
+    values = np.zeros(starts.shape, np.uint64)
+    bad = lengths > MAX_HEX_DIGITS
+    for k in range(0, width, 8):
+        word, inside = _field_word(words, starts, lengths, k)
+        nibbles = np.take(_HEX_NIBBLE, word.view(np.uint8)).view(np.uint64).reshape(word.shape)
+        bad |= (nibbles & _HIGH_BITS) != 0
+        x = nibbles.byteswap()  # first character in the most significant byte: pack nibbles pairwise
+        for shift, mask in _HEX_PACK_STEPS:
+            x = ((x >> shift) | x) & mask
+        values = (values << (_FOUR * inside)) | (x >> (_FOUR * (_EIGHT - inside)))
     return (values % table_sizes).astype(np.int64), bad
 
 
-def _parse_dense(padded, starts, lengths):
+def _parse_dense(words, starts, lengths, first_chars):
     """log(1 + max(x, 0)) of optionally signed decimal integers (empty -> 0), and an error mask."""
-    width = int(np.clip(lengths.max(initial=0), 1, MAX_DENSE_CHARS))
-    chars, inside = _windows(padded, starts, lengths, width)
-    negative = (lengths > 0) & (chars[..., 0] == _MINUS)
-    is_digit = inside.copy()
-    is_digit[..., 0] &= ~negative
-    digits = chars - np.uint8(ord("0"))  # non-digits wrap around to > 9
-    bad = (lengths > MAX_DENSE_CHARS) | (is_digit & (digits > 9)).any(-1) | (negative & (lengths == 1))
-    left_aligned = (digits * is_digit).astype(np.float64) @ _POW10[width - 1 :: -1]
-    values = left_aligned / _POW10[width - np.clip(lengths, 0, width)]
-    values[negative] = 0.0
-    return np.log1p(values).astype(np.float32), bad
+    negative = (lengths > 0) & (first_chars == _MINUS)
+    starts, lengths = starts + negative, lengths - negative
+    bad = (lengths > MAX_DENSE_DIGITS) | (negative & (lengths == 0))
+    width = int(np.clip(lengths.max(initial=0), 1, MAX_DENSE_DIGITS))
+    values = np.zeros(starts.shape, np.uint64)
+    for k in range(0, width, 8):
+        word, inside = _field_word(words, starts, lengths, k)
+        bad |= ((word & _HIGH_NIBBLES) | (((word + _SIXES) & _HIGH_NIBBLES) >> _FOUR)) != _ALL_THREES
+        for mask, multiplier, shift in _DECIMAL_PACK_STEPS:  # 8 digits -> their value, left-aligned
+            word = ((word & mask) * multiplier) >> shift
+        values = values * _POW10[inside] + word // _POW10[_EIGHT - inside]
+    values[negative] = 0
+    return np.log1p(values.astype(np.float64)).astype(np.float32), bad
 
 
-def parse_chunk(data: bytes, table_sizes: np.ndarray) -> ParsedChunk:
-    """Parse whole lines (`data` ends with a newline). Blank lines are ignored; a CR before LF is stripped."""
-    buf = np.frombuffer(data, np.uint8)
-    padded = np.frombuffer(data + bytes(MAX_DENSE_CHARS), np.uint8)  # every field start has a full window
+@dataclass
+class _Fields:
+    """Where every field of a chunk starts and how long it is, and which lines hold exactly 40."""
+
+    starts: np.ndarray  # (R, 40) for the R complete lines
+    lengths: np.ndarray
+    rows: np.ndarray  # line index of each complete line
+    num_lines: int
+    fields_per_line: np.ndarray
+    blank: np.ndarray  # per line: nothing on it (ignored, but counted for line numbers)
+
+
+def _split_fields(buf: np.ndarray) -> _Fields:
     seps = np.flatnonzero((buf == _TAB) | (buf == _NL))
     ends_line = buf[seps] == _NL
     starts = np.concatenate(([0], seps[:-1] + 1))
@@ -95,44 +125,56 @@ def parse_chunk(data: bytes, table_sizes: np.ndarray) -> ParsedChunk:
     line_of_field = np.cumsum(ends_line) - ends_line
     num_lines = int(ends_line.sum())
     fields_per_line = np.bincount(line_of_field, minlength=num_lines)
-    blank = (fields_per_line == 1) & (lengths[ends_line] == 0)
-
     complete = fields_per_line == NUM_FIELDS
-    rows = np.flatnonzero(complete)
     in_row = complete[line_of_field]
-    starts = starts[in_row].reshape(-1, NUM_FIELDS)
-    lengths = lengths[in_row].reshape(-1, NUM_FIELDS)
+    return _Fields(
+        starts=starts[in_row].reshape(-1, NUM_FIELDS),
+        lengths=lengths[in_row].reshape(-1, NUM_FIELDS),
+        rows=np.flatnonzero(complete),
+        num_lines=num_lines,
+        fields_per_line=fields_per_line,
+        blank=(fields_per_line == 1) & (lengths[ends_line] == 0),
+    )
 
-    first_char = buf[starts[:, 0]]
-    bad_label = (lengths[:, 0] != 1) | ((first_char != ord("0")) & (first_char != ord("1")))
-    dense, bad_dense = _parse_dense(padded, starts[:, 1 : 1 + NUM_DENSE], lengths[:, 1 : 1 + NUM_DENSE])
-    sparse, bad_sparse = _parse_hex(padded, starts[:, 1 + NUM_DENSE :], lengths[:, 1 + NUM_DENSE :], table_sizes)
+
+def parse_chunk(data: bytes, table_sizes: np.ndarray) -> ParsedChunk:
+    """Parse whole lines (`data` ends with a newline). Blank lines are ignored; a CR before LF is stripped.
+
+    `table_sizes` is a uint64 array of the 26 table sizes.
+    """
+    padded = np.frombuffer(data + bytes(32), np.uint8)  # every field start has 3 whole words after it
+    buf = padded[: len(data)]
+    words = np.ndarray((len(data) + 25,), "<u8", padded, strides=(1,))  # the 8 bytes from every offset
+    f = _split_fields(buf)
+    dense_starts, dense_lengths = f.starts[:, 1 : 1 + NUM_DENSE], f.lengths[:, 1 : 1 + NUM_DENSE]
+    labels = buf[f.starts[:, 0]]
+    bad_label = (f.lengths[:, 0] != 1) | ((labels != ord("0")) & (labels != ord("1")))
+    dense, bad_dense = _parse_dense(words, dense_starts, dense_lengths, buf[dense_starts])
+    sparse, bad_sparse = _parse_hex(words, f.starts[:, 1 + NUM_DENSE :], f.lengths[:, 1 + NUM_DENSE :], table_sizes)
+
     bad_fields = np.concatenate([bad_label[:, None], bad_dense, bad_sparse], axis=1)
     bad_row = bad_fields.any(1)
-
-    reason = np.full(num_lines, -1)
-    reason[~complete & ~blank] = REASONS.index("field_count")
     first_bad_field = bad_fields.argmax(1)
-    reason[rows[bad_row]] = np.searchsorted([1, 1 + NUM_DENSE], first_bad_field[bad_row], side="right") + 1
+    reason = np.full(f.num_lines, -1)
+    reason[(f.fields_per_line != NUM_FIELDS) & ~f.blank] = REASONS.index("field_count")
+    reason[f.rows[bad_row]] = 1 + np.searchsorted([1, 1 + NUM_DENSE], first_bad_field[bad_row], side="right")
     bad_lines = np.flatnonzero(reason >= 0)
 
     first_bad = None
-    if len(bad_lines):
-        line = bad_lines[0]
-        if reason[line] == 0:
-            first_bad = f"field_count: {fields_per_line[line]} tab-separated fields, expected {NUM_FIELDS}"
-        else:
-            row = np.searchsorted(rows, line)
-            field = first_bad_field[row]
-            start = starts[row, field]
-            text = data[start : start + min(lengths[row, field], 40)].decode("utf-8", "replace")
-            first_bad = f"{REASONS[reason[line]]}: {_field_name(field)} = {text!r}, expected {_expected(field)}"
+    if len(bad_lines) and reason[bad_lines[0]] == 0:
+        first_bad = f"field_count: {f.fields_per_line[bad_lines[0]]} tab-separated fields, expected {NUM_FIELDS}"
+    elif len(bad_lines):
+        row = np.searchsorted(f.rows, bad_lines[0])
+        field = first_bad_field[row]
+        start = f.starts[row, field]
+        text = data[start : start + min(f.lengths[row, field], 40)].decode("utf-8", "replace")
+        first_bad = f"{REASONS[reason[bad_lines[0]]]}: {_field_name(field)} = {text!r}, expected {_expected(field)}"
     good = ~bad_row
     return ParsedChunk(
         dense=dense[good],
         sparse=sparse[good],
-        labels=first_char[good].astype(np.float32) - ord("0"),
-        num_lines=num_lines,
+        labels=(labels[good] - ord("0")).astype(np.float32),
+        num_lines=f.num_lines,
         bad_lines=bad_lines,
         bad_reasons=reason[bad_lines],
         first_bad=first_bad,

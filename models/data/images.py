@@ -156,7 +156,7 @@ class _BatchUnpickler(pickle.Unpickler):
         (module, name)
         for module in ("numpy.core.multiarray", "numpy._core.multiarray")
         for name in ("_reconstruct", "scalar")
-    } | {("numpy", "ndarray"), ("numpy", "dtype")}
+    } | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # protocol 2 writes bytes via encode
 
     def find_class(self, module, name):
         if (module, name) not in self._allowed:

@@ -13,7 +13,8 @@ rank >= `rank` over the same digits represents it exactly. The click probability
     sigmoid(signal_scale * (pairwise <E_a, E_b> + per-table u_t . E_t + w . z) / sqrt(3) + bias)
 
 over the signal tables (default: the 4 largest), each term scaled to unit variance; z is the
-Gaussian behind the dense counts floor(exp(mu + z)). The other tables are Zipf noise, as most
+Gaussian behind the dense counts floor(exp(mu + z)). `info["oracle_test_auc"]` is the AUC of the
+true probabilities on the test split: the ceiling any model can reach. The other tables are Zipf noise, as most
 Criteo features are for a given model. Ids are Zipf(zipf_a) by popularity rank, then scattered
 over the table (rank * 2^31-1 + offset mod rows) the way hashing scatters Criteo's ids.
 """
@@ -68,6 +69,17 @@ class _TTLatent:
         i0, rest = np.divmod(ids, self.base**2)
         i1, i2 = np.divmod(rest, self.base)
         return np.einsum("nr,nrs,nsk->nk", self.a[i0], self.b[i1], self.c[i2])
+
+
+def _auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """ROC AUC by the rank-sum formula (scores are continuous, so ties do not matter); None if one class."""
+    positives = int(labels.sum())
+    negatives = len(labels) - positives
+    if positives == 0 or negatives == 0:
+        return None
+    ranks = np.empty(len(scores))
+    ranks[np.argsort(scores)] = np.arange(1, len(scores) + 1)
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
 def synthetic_criteo(
@@ -126,6 +138,7 @@ def synthetic_criteo(
     signal = (interaction + main + z @ dense_weight) / math.sqrt(3)
     prob = 1 / (1 + np.exp(-(signal_scale * signal + bias)))
     labels = np.random.default_rng(label_seq).random(num_samples) < prob
+    num_test = round(test_fraction * num_samples)
 
     return RecData(
         name="synthetic-criteo",
@@ -133,10 +146,11 @@ def synthetic_criteo(
         sparse=torch.from_numpy(sparse),
         labels=torch.from_numpy(labels.astype(np.float32)),
         table_sizes=sizes,
-        num_test=round(test_fraction * num_samples),
+        num_test=num_test,
         info={
             "seed": seed, "zipf_a": zipf_a, "rank": rank, "latent_dim": latent_dim,
             "signal_tables": signal_tables, "signal_scale": signal_scale, "bias": bias,
             "tt_row_shapes": {t: [latents[t].base] * 3 for t in signal_tables},
+            "oracle_test_auc": _auc(prob[num_samples - num_test :], labels[num_samples - num_test :]),
         },
     )

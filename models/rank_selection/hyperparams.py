@@ -23,20 +23,21 @@ TRAIN_DEFAULTS = {
 METHOD_DEFAULTS = {
     "bayesian": {
         "inference": "svi",  # svi (learned posterior scale, the paper) | map (the authors' code)
-        "hyperprior": "half_cauchy",  # half_cauchy | log_uniform
-        "eta": 1.0,  # half-Cauchy scale
-        "kl_weight": 5e-5,
-        "warmup_epochs": 1,  # KL weight is 0 before, then ramps up over one epoch
-        "damping": 0.5,  # lambda <- (1-s) lambda + s * closed-form update
-        "threshold": 1e-4,  # slices with lambda^2 below are dropped
-        "init_log_sigma": -8.0,  # posterior std starts tiny (exp(-8))
+        "hyperprior": "log_uniform",  # log_uniform (their MNIST scripts) | half_cauchy (their DLRM runs)
+        "eta": 0.1,  # half-Cauchy scale (their DLRM runs)
+        "kl_weight": 5e-5,  # times the summed KL, added to the mean task loss; 1/N_train = exact ELBO
+        "warmup_epochs": 1,  # epochs with KL weight 0 ...
+        "ramp_epochs": 2,  # ... then linear up to kl_weight over this many epochs
+        "damping": 1.0,  # lambda^2 <- (1-s) lambda^2 + s * closed-form update, after every step (theirs: 1)
+        "threshold": 1e-4,  # slices with lambda^2 at or below are dropped
+        "init_log_sigma": -8.0,  # svi: posterior std starts tiny (exp(-8)), near the MAP point
     },
     "l0": {
-        "lam": 0.1,  # weight of the expected-L0 penalty
+        "lam": 0.1,  # weight of the expected parameter fraction (the relaxed L0 count, cost-weighted)
         "sigma": 0.5,  # gate noise std in training
         "shift": 1.2,  # gate = clip(mu + shift + sigma*eps, 0, 1); mu starts at 0, so gates start open
-        "gate_lr": 1e-2,
-        "freeze_at_target": True,
+        "gate_lr": 1e-2,  # Adam lr of the gate means
+        "freeze_at_target": True,  # stop training gates once eval gates meet the budget
     },
     "lwiq": {
         "warmup_epochs": 1,  # ordinary training before measuring, so features mean something

@@ -118,7 +118,9 @@ class FactorizedTensor(nn.Module):
 
     def _contract(self, key, inputs, output, operands):
         shapes = tuple(tuple(op.shape) for op in operands)
-        cache_key = (key, shapes)
+        # the labels are part of the key: two contractions with equal operand shapes (a square
+        # tensor applied along different modes) must not share an expression
+        cache_key = (key, tuple(tuple(ls) for ls in inputs), tuple(output), shapes)
         expr = self._expressions.get(cache_key)
         if expr is None:
             expr = opt_einsum.contract_expression(self._equation(inputs, output), *shapes, optimize="auto")
@@ -187,7 +189,8 @@ class FactorizedTensor(nn.Module):
         for f, t in enumerate(new):
             self.factors[f] = nn.Parameter(t.contiguous(), requires_grad=self.factors[f].requires_grad)
         for edge, idx in enumerate(kept):
-            self.register_buffer(f"mask_{edge}", torch.ones(len(idx), device=idx.device))
+            old = self.mask(edge)
+            self.register_buffer(f"mask_{edge}", torch.ones(len(idx), device=old.device, dtype=old.dtype))
         self._expressions.clear()
         return kept
 

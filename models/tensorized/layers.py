@@ -37,11 +37,17 @@ def _paired_shapes(format, rows, cols, row_shape, col_shape, row_arg, col_arg, *
     if format == "tucker":
         row_order, col_order = (3 if table else 1), 1
     elif format == "ttm":
-        given = [len(s) for s in (row_shape, col_shape) if s is not None]
+        given = [len(s) for s in (row_shape, col_shape) if isinstance(s, (list, tuple))]
         row_order = col_order = given[0] if given else (3 if table else max(default_order(rows), default_order(cols)))
     else:
         row_order = col_order = 3 if table else None
-    return resolve_shape(row_arg, row_shape, rows, row_order), resolve_shape(col_arg, col_shape, cols, col_order)
+    row, col = resolve_shape(row_arg, row_shape, rows, row_order), resolve_shape(col_arg, col_shape, cols, col_order)
+    if format == "ttm" and len(row) != len(col):
+        raise ValueError(
+            f"{col_arg}: ttm pairs each {row_arg} factor with one {col_arg} factor, so both need the same "
+            f"number of factors; got {row_arg}={row} and {col_arg}={col}"
+        )
+    return row, col
 
 
 class FactorizedLayer(nn.Module):
@@ -256,7 +262,12 @@ class FactorizedEmbeddingBag(FactorizedLayer):
         """Rows of the (virtual) table for 1-D `ids`: (len(ids), embedding_dim)."""
         _, col_modes = self._mode_ranges()
         out = self.weight.gather_rows(self._digits(ids), col_modes)
-        return out.reshape(ids.shape[0], -1)[:, : self.embedding_dim]
+        return out.reshape(ids.shape[0], math.prod(self.col_shape))[:, : self.embedding_dim]  # 0 ids is fine
+
+    def dense_weight(self) -> torch.Tensor:
+        """The whole (num_embeddings, embedding_dim) table: for tests and export of SMALL tables only."""
+        w = self.weight.full().reshape(math.prod(self.row_shape), math.prod(self.col_shape))
+        return w[: self.num_embeddings, : self.embedding_dim]
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.dtype not in (torch.int64, torch.int32):
@@ -274,11 +285,13 @@ class FactorizedEmbeddingBag(FactorizedLayer):
 
     def forward(self, input, offsets=None, per_sample_weights=None):
         self._check_ids(input)
+        include_last_offset = self.include_last_offset
         if input.dim() == 2:
             if offsets is not None:
                 raise ValueError("offsets: must be None when input is 2-D (bags of equal length)")
             bags, length = input.shape
             offsets = torch.arange(0, bags * length, length, device=input.device)
+            include_last_offset = False  # as nn.EmbeddingBag: the implicit offsets have no last entry
             input = input.reshape(-1)
             per_sample_weights = None if per_sample_weights is None else per_sample_weights.reshape(-1)
         elif input.dim() != 1 or offsets is None:
@@ -288,7 +301,7 @@ class FactorizedEmbeddingBag(FactorizedLayer):
         unique, inverse = torch.unique(input, return_inverse=True)
         return F.embedding_bag(
             inverse, self.rows(unique), offsets, mode=self.mode, per_sample_weights=per_sample_weights,
-            include_last_offset=self.include_last_offset,
+            include_last_offset=include_last_offset,
         )
 
     def _mode_ranges(self):

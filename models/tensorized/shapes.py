@@ -55,6 +55,8 @@ def resolve_shape(argument: str, shape, size: int, order: int | None = None) -> 
     """Validate an explicit mode shape for `size`, or compute a balanced one of `order` modes."""
     if shape is None:
         return factorize(size, order or default_order(size))
+    if not isinstance(shape, (list, tuple)):
+        raise ValueError(f"{argument}: expected a list of positive integers, got {shape!r}")
     shape = list(shape)
     if not shape or not all(isinstance(s, int) and s >= 1 for s in shape):
         raise ValueError(f"{argument}: expected a list of positive integers, got {shape!r}")

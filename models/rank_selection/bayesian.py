@@ -1,0 +1,190 @@
+"""Bayesian rank selection (Hawkins, Liu & Zhang, arXiv 2010.08689).
+
+Every rank slice r of every edge has a Gaussian prior N(0, λ_r²) on each entry it covers
+(`slice_members`: a CP component, a Tucker factor column, the trailing slice of TT core k and
+the leading slice of core k+1). λ_r has a log-uniform or half-Cauchy(η) hyperprior and gets a
+closed-form EM update from M_r = Σ_slice (μ² + σ²); slices whose λ_r² falls below `threshold`
+are dropped.
+
+- inference "svi" (the paper): mean-field Gaussian posterior over factor entries. The factors
+  are the means μ; the method owns a log σ per entry; training forwards see μ + σ·ε; the loss
+  adds w·KL(q ‖ prior).
+- inference "map" (the authors' public code, posterior std ≈ 0): the loss adds w·(−log prior)
+  = w·Σ μ²/(2λ²) + D·log λ.
+
+Choices (the paper leaves them open):
+- λ is updated after every optimizer step (the authors' code updates on every training
+  forward), damped: λ² ← (1−s)λ² + s·update; at attach it starts at the undamped update.
+- w = kl_weight · ramp: 0 for `warmup_epochs`, then linear to 1 over `ramp_epochs` (the
+  authors: 5 epochs without KL, then a 50-epoch ramp). The KL is summed over entries and added
+  to the *mean* task loss, so kl_weight = 1/N_train is the exact per-example ELBO (their MNIST
+  5e-5 is about 3/N).
+- λ is a constant of the loss between updates (no gradient flows into it).
+- An interior TT core entry lies in two slices (one per neighbouring edge): each slice's prior
+  is one factor of its prior, and its KL is counted once per slice. A Tucker core lies in no
+  slice: no prior, and it stays a point estimate.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .base import RankMethod
+
+HYPERPRIORS = ("log_uniform", "half_cauchy")
+INFERENCES = ("svi", "map")
+LAMBDA2_FLOOR = 1e-12  # λ² never reaches 0: the prior's 1/λ² and log λ² stay finite
+
+
+def lambda2_update(M: torch.Tensor, D: int, hyperprior: str, eta: float) -> torch.Tensor:
+    """The λ² maximizing log N(slice | 0, λ²) + log p(λ), given M = Σ E[w²] over its D entries.
+
+    log-uniform, p(λ) ∝ 1/λ:  λ² = M / (D + 1).
+    half-Cauchy(η):  λ² = (M − Dη² + √(M² + (2D+8)η²M + η⁴D²)) / (2D + 4), the positive root of
+    (D+2)λ⁴ + (Dη² − M)λ² − Mη² = 0, evaluated without cancellation when M ≪ Dη².
+    """
+    if hyperprior == "log_uniform":
+        return M / (D + 1)
+    e2 = eta**2
+    b = M - D * e2
+    root = torch.sqrt(M**2 + (2 * D + 8) * e2 * M + e2**2 * D**2)
+    return torch.where(b >= 0, (b + root) / (2 * D + 4), 2 * M * e2 / (root - b))
+
+
+class _Moments(NamedTuple):
+    """Per-slice sums over the entries a slice covers."""
+
+    mean_sq: torch.Tensor  # Σ μ²
+    var: torch.Tensor  # Σ σ²
+    log_var: torch.Tensor  # Σ log σ²
+    count: int  # D
+
+
+class _LayerPrior(nn.Module):
+    """One layer's λ² per slice (buffers) and, for svi, log σ of every factor a slice covers."""
+
+    def __init__(self, weight, svi: bool, init_log_sigma: float):
+        super().__init__()
+        covered = sorted({f for e in range(weight.num_edges) for f, _ in weight.slice_members(e)})
+        self.log_sigma = nn.ParameterDict(
+            {str(f): nn.Parameter(torch.full_like(weight.factors[f].detach(), init_log_sigma)) for f in covered}
+            if svi else {}
+        )
+        for e, size in enumerate(weight.max_ranks):
+            self.register_buffer(f"lambda2_{e}", weight.factors[0].new_ones(size))
+
+    def lambda2(self, edge: int) -> torch.Tensor:
+        return getattr(self, f"lambda2_{edge}")
+
+    def moments(self, weight, edge: int) -> _Moments:
+        mean_sq = var = log_var = 0.0
+        count = 0
+        for f, d in weight.slice_members(edge):
+            mu = weight.factors[f]
+            others = [i for i in range(mu.dim()) if i != d]
+            mean_sq = mean_sq + mu.pow(2).sum(others)
+            if str(f) in self.log_sigma:
+                log_sigma = self.log_sigma[str(f)]
+                var = var + (2 * log_sigma).exp().sum(others)
+                log_var = log_var + 2 * log_sigma.sum(others)
+            count += mu.numel() // mu.shape[d]
+        return _Moments(mean_sq, var, log_var, count)
+
+    def sample(self, factors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Reparameterized draw μ + σ·ε of every covered factor (the `factor_sampler` hook)."""
+        out = list(factors)
+        for key, log_sigma in self.log_sigma.items():
+            f = int(key)
+            out[f] = out[f] + log_sigma.exp() * torch.randn_like(out[f])
+        return out
+
+
+class BayesianRank(RankMethod):
+    name = "bayesian"
+
+    def __init__(self, **hyperparameters):
+        super().__init__(**hyperparameters)
+        if self.hp["inference"] not in INFERENCES:
+            raise ValueError(f"inference: expected one of {', '.join(INFERENCES)}, got {self.hp['inference']!r}")
+        if self.hp["hyperprior"] not in HYPERPRIORS:
+            raise ValueError(f"hyperprior: expected one of {', '.join(HYPERPRIORS)}, got {self.hp['hyperprior']!r}")
+        if self.hp["ramp_epochs"] < 1:
+            raise ValueError(f"ramp_epochs: expected an integer >= 1, got {self.hp['ramp_epochs']!r}")
+        if not 0 < self.hp["damping"] <= 1:
+            raise ValueError(f"damping: expected a step size in (0, 1], got {self.hp['damping']!r}")
+        self._epoch = 0
+
+    def _attach(self) -> None:
+        svi = self.hp["inference"] == "svi"
+        self.priors = nn.ModuleList(
+            _LayerPrior(layer.weight, svi, self.hp["init_log_sigma"]) for layer in self.layers.values()
+        )
+        for prior, layer in zip(self.priors, self.layers.values()):
+            if svi:
+                layer.weight.factor_sampler = prior.sample
+        self._update_lambdas(step_size=1.0)
+
+    def _pairs(self):
+        return zip(self.priors, (layer.weight for layer in self.layers.values()))
+
+    # -- training ------------------------------------------------------------------------
+    @torch.no_grad()
+    def _update_lambdas(self, step_size: float) -> None:
+        for prior, weight in self._pairs():
+            for e in range(weight.num_edges):
+                m = prior.moments(weight, e)
+                update = lambda2_update(m.mean_sq + m.var, m.count, self.hp["hyperprior"], self.hp["eta"])
+                lam2 = prior.lambda2(e)
+                lam2.copy_(((1 - step_size) * lam2 + step_size * update).clamp_min(LAMBDA2_FLOOR))
+
+    def divergence(self) -> torch.Tensor:
+        """Unweighted regularizer: KL(q ‖ prior) for svi, −log prior (up to a constant) for map."""
+        total = torch.zeros(())
+        for prior, weight in self._pairs():
+            for e in range(weight.num_edges):
+                m, lam2 = prior.moments(weight, e), prior.lambda2(e)
+                if self.hp["inference"] == "svi":
+                    per_slice = 0.5 * ((m.mean_sq + m.var) / lam2 - m.count + m.count * lam2.log() - m.log_var)
+                else:
+                    per_slice = m.mean_sq / (2 * lam2) + 0.5 * m.count * lam2.log()
+                total = total + per_slice.sum()
+        return total
+
+    def kl_factor(self) -> float:
+        """The warm-up schedule: 0 for `warmup_epochs`, then linear up to 1 over `ramp_epochs`."""
+        return min(max((self._epoch - self.hp["warmup_epochs"] + 1) / self.hp["ramp_epochs"], 0.0), 1.0)
+
+    def penalty(self) -> torch.Tensor:
+        factor = self.kl_factor()
+        return self.hp["kl_weight"] * factor * self.divergence() if factor > 0 else torch.zeros(())
+
+    def step(self, epoch: int, batch: int) -> None:
+        self._update_lambdas(self.hp["damping"])
+
+    def end_epoch(self, epoch: int) -> None:
+        self._epoch = epoch + 1
+
+    # -- selection -----------------------------------------------------------------------
+    def _lambdas(self) -> dict[str, list[torch.Tensor]]:
+        return {name: [prior.lambda2(e).detach().clone() for e in range(layer.weight.num_edges)]
+                for prior, (name, layer) in zip(self.priors, self.layers.items())}
+
+    def importance(self) -> dict[str, list[torch.Tensor]]:
+        """λ² per slice: the prior variance, on the same scale in every layer."""
+        return self._lambdas()
+
+    def natural_masks(self) -> dict[str, list[torch.Tensor]]:
+        return {name: [lam2 > self.hp["threshold"] for lam2 in lams] for name, lams in self._lambdas().items()}
+
+    def state(self) -> dict:
+        lambdas = self._lambdas()
+        return {
+            "inference": self.hp["inference"],
+            "kl_factor": self.kl_factor(),
+            "lambda2": {name: [lam2.tolist() for lam2 in lams] for name, lams in lambdas.items()},
+            "ranks_at_threshold": {name: [int((lam2 > self.hp["threshold"]).sum()) for lam2 in lams]
+                                   for name, lams in lambdas.items()},
+        }
