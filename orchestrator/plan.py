@@ -11,10 +11,12 @@ holding only the values drawn from distributions; fixed values come from the pla
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from search_spaces import Spec, SpecError, is_distribution
 
+TRIAL_LOG_ENV = "RANKSEARCH_TRIAL_LOG"
 # Objective -> the per-epoch value `fit` reports for it (ASHA needs one every epoch).
 EPOCH_METRICS = {"accuracy": "val_accuracy", "auc": "val_auc", "logloss": "val_logloss", "params": "params"}
 
@@ -36,6 +38,7 @@ class Plan:
     spec: dict  # Spec.to_dict()
     slots: tuple[Slot, ...]
     experiment_path: str  # local absolute path or URI; records live under it
+    trial_log: str | None = None  # RANKSEARCH_TRIAL_LOG of the driver (see trainable.py)
 
     @property
     def train_fixed(self) -> dict:
@@ -64,6 +67,18 @@ class Plan:
         train = {**self.train_fixed, **config.get("train", {}), "seed": slot.seed}
         return train, {**self.method_fixed(method), **config.get(method, {})}
 
+    def base_record(self, slot: Slot, config: dict) -> dict:
+        """What a record says about a trial before `fit` adds results: enough for a failed or stopped one."""
+        cell = slot.cell
+        train, method_params = self.hyperparameters(slot, config)
+        absolute = isinstance(cell["budget"], dict)  # then `budget` (a fraction) is None and budget_params is set
+        return {
+            "trial_id": slot.key, "model": cell["model"], "dataset": self.spec["dataset"], "format": cell["format"],
+            "method": cell["method"], "budget": None if absolute else cell["budget"],
+            "budget_params": fit_budget(cell["budget"]) if absolute else None,
+            "seed": slot.seed, "sample": slot.sample, "config": {**train, **method_params},
+        }
+
 
 def build_plan(spec: Spec, experiment_path: str) -> Plan:
     """Slots ordered sample-major, so Optuna sees finished samples of a cell before it draws the next."""
@@ -78,7 +93,7 @@ def build_plan(spec: Spec, experiment_path: str) -> Plan:
                 if sample and not _samples_anything(spec_dict, cell["method"]):
                     continue  # nothing to draw: another sample would repeat the same trial
                 slots.append(Slot(len(slots), trial_key(cell, seed, sample), cell, c, seed, sample))
-    return Plan(spec_dict, tuple(slots), experiment_path)
+    return Plan(spec_dict, tuple(slots), experiment_path, os.environ.get(TRIAL_LOG_ENV))
 
 
 def _samples_anything(spec: dict, method: str) -> bool:

@@ -37,10 +37,9 @@ class Spec:
         return dataclasses.asdict(self)
 
     def cells(self) -> list[dict]:
-        """The grid: {model, format, method, budget} per cell, in `fit`'s terms: budget is a float
-        fraction or an int count (from {params: N}). `dense` has one cell per model, format and
-        budget None. Seeds and samples_per_cell multiply each cell into trials."""
-        budgets = [b["params"] if isinstance(b, dict) else b for b in self.budgets]
+        """The grid: {model, format, method, budget} per cell; budget as in the spec (a float
+        fraction or {"params": N}). `dense` has one cell per model, format and budget None.
+        Seeds and samples_per_cell multiply each cell into trials."""
         cells = []
         for model in self.models:
             for method in self.methods:
@@ -48,8 +47,8 @@ class Spec:
                     cells.append({"model": model, "format": None, "method": method, "budget": None})
                     continue
                 for fmt in self.formats:
-                    for budget in budgets:
-                        cells.append({"model": model, "format": fmt, "method": method, "budget": budget})
+                    for budget in self.budgets:
+                        cells.append({"model": model, "format": fmt, "method": method, "budget": copy.deepcopy(budget)})
         return cells
 
     def method_params(self, method: str) -> dict:

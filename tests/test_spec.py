@@ -115,7 +115,7 @@ def test_absolute_budgets_and_distributions_round_trip():
     )
     spec = load_spec(raw)
     assert spec.budgets == [0.1, {"params": 12000}]
-    assert [c["budget"] for c in spec.cells() if c["method"] == "fixed"] == [0.1, 12000]
+    assert [c["budget"] for c in spec.cells() if c["method"] == "fixed"] == [0.1, {"params": 12000}]
     assert is_distribution(spec.train["lr"]) and not is_distribution(spec.train["epochs"])
     assert load_spec(json.loads(json.dumps(spec.to_dict()))) == spec
 

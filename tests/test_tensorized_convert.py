@@ -228,7 +228,7 @@ def test_tensorize_keeps_dtype_and_the_models_weight_scale():
     assert all(p.dtype == torch.float64 for p in model.parameters())
     assert all(m.dtype == torch.float64 for m in layer.rank_masks)
     torch.testing.assert_close(layer.bias, bias)
-    ratio = float(layer.dense_weight().std()) / scale
+    ratio = float(layer.dense_weight().detach().std()) / scale
     assert 0.5 < ratio < 2.0, ratio
     model(*[t.double() if t.is_floating_point() else t for t in _batch()])
 
@@ -270,7 +270,7 @@ def test_tensorized_model_trains(fmt):
         loss.backward()
         assert all(p.grad is not None for layer in factorized_layers(model).values() for p in layer.parameters())
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
 
 
@@ -287,6 +287,21 @@ def test_tensorize_rejects_bad_arguments():
     with pytest.raises(ValueError):
         tensorize(model, format="tt", max_rank=0)
     assert not any(isinstance(m, FactorizedLayer) for m in model.modules())  # nothing half-converted
+
+
+def test_tensorize_leaves_unsupported_convs_dense_and_fails_atomically():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Conv2d(8, 8, 3, groups=4), nn.Conv2d(8, 8, 3, padding="same"),
+                          nn.Conv2d(8, 8, 3, padding_mode="reflect"), nn.Linear(64, 32))
+    report = tensorize(model, format="tt", max_rank=4, min_params=0)
+    assert [r["layer"] for r in report] == ["0", "4"]
+    assert [type(m) for m in model[1:4]] == [nn.Conv2d] * 3
+
+    # three per-edge ranks fit the Linear (4 TT cores) but not the table (6 cores): nothing is replaced
+    model = nn.Sequential(nn.Linear(64, 64), nn.Embedding(100, 8))
+    original = list(model)
+    with pytest.raises(ValueError, match="max_rank"):
+        tensorize(model, format="tt", max_rank=[4, 4, 4], min_params=0)
+    assert list(model) == original
 
 
 def test_pruned_layer_rebuilds_from_config():

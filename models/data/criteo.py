@@ -104,7 +104,9 @@ class RecData:
             return range(cut, len(self.labels))
         raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
 
-    def batches(self, batch_size: int, *, split: str = "train", shuffle: bool = False, seed: int = 0) -> Iterator[RecBatch]:
+    def batches(
+        self, batch_size: int, *, split: str = "train", shuffle: bool = False, seed: int = 0
+    ) -> Iterator[RecBatch]:
         """Batches of `split` in row order (or shuffled by `seed`); the last one may be smaller."""
         if batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
@@ -140,7 +142,9 @@ def criteo_files(path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise DatasetError(f"criteo: {path} not found; expected a raw TSV file or a directory with train.txt or day_N files")
+        raise DatasetError(
+            f"criteo: {path} not found; expected a raw TSV file or a directory with train.txt or day_N files"
+        )
     for name in ("train.txt", "train.txt.gz"):
         if (path / name).is_file():
             return [path / name]
@@ -166,7 +170,9 @@ def _read_chunks(path: Path) -> Iterator[bytes]:
                 data = rest + block
                 cut = data.rfind(b"\n") + 1
                 if cut == 0 and len(data) > MAX_LINE_BYTES:
-                    raise DatasetError(f"criteo: {path} has no line break in its first {len(data)} bytes; not a Criteo TSV")
+                    raise DatasetError(
+                        f"criteo: {path} has no line break in its first {len(data)} bytes; not a Criteo TSV"
+                    )
                 if cut:
                     yield data[:cut]
                 rest = data[cut:]

@@ -96,7 +96,9 @@ def _find_idx_file(root: Path, stem: str) -> Path:
             if path.is_file():
                 return path
     expected = ", ".join(MNIST_FILES.values())
-    raise DatasetError(f"mnist: {root / stem}[.gz] not found; expected the 4 IDX files {expected} (each optionally .gz)")
+    raise DatasetError(
+        f"mnist: {root / stem}[.gz] not found; expected the 4 IDX files {expected} (each optionally .gz)"
+    )
 
 
 def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
@@ -134,7 +136,9 @@ def _read_mnist_split(root: Path, images_key: str, labels_key: str) -> tuple[np.
     return images[:, None], labels
 
 
-def load_mnist(root, *, seed: int = 0, max_train: int | None = None, max_test: int | None = None) -> ClassificationData:
+def load_mnist(
+    root, *, seed: int = 0, max_train: int | None = None, max_test: int | None = None
+) -> ClassificationData:
     """MNIST from the four IDX files as distributed (train-images-idx3-ubyte[.gz] ...) in `root`."""
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -184,7 +188,9 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), labels
 
 
-def load_cifar10(root, *, seed: int = 0, max_train: int | None = None, max_test: int | None = None) -> ClassificationData:
+def load_cifar10(
+    root, *, seed: int = 0, max_train: int | None = None, max_test: int | None = None
+) -> ClassificationData:
     """CIFAR-10 python batches; `root` is the cifar-10-batches-py folder or its parent."""
     root = Path(root).expanduser()
     folder = root / CIFAR_DIRNAME if (root / CIFAR_DIRNAME).is_dir() else root

@@ -82,6 +82,22 @@ def _auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
     return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
+def _check_args(sizes, num_samples, rank, latent_dim, zipf_a, signal_tables, test_fraction):
+    if len(sizes) != NUM_SPARSE or min(sizes) < 1:
+        raise ValueError(f"table_sizes: expected {NUM_SPARSE} positive sizes, got {sizes!r}")
+    for name, value in (("num_samples", num_samples), ("rank", rank), ("latent_dim", latent_dim)):
+        if value < 1:
+            raise ValueError(f"{name}: expected >= 1, got {value}")
+    if zipf_a <= 0:
+        raise ValueError(f"zipf_a: expected > 0, got {zipf_a}")
+    if len(signal_tables) < 2 or len(set(signal_tables)) != len(signal_tables) or not (
+        0 <= min(signal_tables) and max(signal_tables) < NUM_SPARSE
+    ):
+        raise ValueError(f"signal_tables: expected at least 2 distinct indices in [0, 26), got {signal_tables!r}")
+    if not 0 <= test_fraction < 1:
+        raise ValueError(f"test_fraction: expected a value in [0, 1), got {test_fraction}")
+
+
 def synthetic_criteo(
     num_samples: int = 100_000,
     table_sizes: Sequence[int] | None = None,
@@ -101,24 +117,14 @@ def synthetic_criteo(
     data set is a prefix of a larger one. The last round(test_fraction * N) rows are the test split.
     """
     sizes = [int(s) for s in (SYNTHETIC_TABLE_SIZES if table_sizes is None else table_sizes)]
-    if len(sizes) != NUM_SPARSE or min(sizes) < 1:
-        raise ValueError(f"table_sizes: expected {NUM_SPARSE} positive sizes, got {table_sizes!r}")
-    if num_samples < 1 or rank < 1 or latent_dim < 1 or zipf_a <= 0:
-        raise ValueError(
-            f"num_samples, rank, latent_dim: expected >= 1 and zipf_a > 0, got "
-            f"{num_samples}, {rank}, {latent_dim}, {zipf_a}"
-        )
-    if not 0 <= test_fraction < 1:
-        raise ValueError(f"test_fraction: expected a value in [0, 1), got {test_fraction}")
     if signal_tables is None:
         signal_tables = sorted(np.argsort(sizes, kind="stable")[::-1][:4].tolist())
     signal_tables = [int(t) for t in signal_tables]
-    if len(signal_tables) < 2 or len(set(signal_tables)) != len(signal_tables) or not all(0 <= t < NUM_SPARSE for t in signal_tables):
-        raise ValueError(f"signal_tables: expected at least 2 distinct table indices in [0, 26), got {signal_tables!r}")
+    _check_args(sizes, num_samples, rank, latent_dim, zipf_a, signal_tables, test_fraction)
 
     params_seq, dense_seq, label_seq, *table_seqs = np.random.SeedSequence(seed).spawn(3 + NUM_SPARSE)
     params = np.random.default_rng(params_seq)
-    latents = {t: _TTLatent(params, sizes[t], rank, latent_dim) for t in signal_tables}
+    latents = [_TTLatent(params, sizes[t], rank, latent_dim) for t in signal_tables]
     readout = params.standard_normal((len(signal_tables), latent_dim)) / math.sqrt(latent_dim)
     dense_weight = params.standard_normal(NUM_DENSE) / math.sqrt(NUM_DENSE)
     dense_mu = params.uniform(0.0, 4.0, NUM_DENSE)
@@ -131,7 +137,7 @@ def synthetic_criteo(
     z = np.random.default_rng(dense_seq).standard_normal((num_samples, NUM_DENSE))
     dense = np.log1p(np.floor(np.exp(dense_mu + z)))
 
-    embedded = np.stack([latents[t](sparse[:, t]) for t in signal_tables], axis=1)  # (N, S, latent_dim)
+    embedded = np.stack([latent(sparse[:, t]) for latent, t in zip(latents, signal_tables)], axis=1)  # (N, S, k)
     pairs = [(i, j) for i in range(len(signal_tables)) for j in range(i + 1, len(signal_tables))]
     interaction = sum((embedded[:, i] * embedded[:, j]).sum(1) for i, j in pairs) / math.sqrt(latent_dim * len(pairs))
     main = np.einsum("nsk,sk->n", embedded, readout) / math.sqrt(len(signal_tables))
@@ -150,7 +156,7 @@ def synthetic_criteo(
         info={
             "seed": seed, "zipf_a": zipf_a, "rank": rank, "latent_dim": latent_dim,
             "signal_tables": signal_tables, "signal_scale": signal_scale, "bias": bias,
-            "tt_row_shapes": {t: [latents[t].base] * 3 for t in signal_tables},
+            "tt_row_shapes": {t: [latent.base] * 3 for latent, t in zip(latents, signal_tables)},
             "oracle_test_auc": _auc(prob[num_samples - num_test :], labels[num_samples - num_test :]),
         },
     )

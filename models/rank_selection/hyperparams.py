@@ -43,7 +43,7 @@ METHOD_DEFAULTS = {
         "warmup_epochs": 1,  # ordinary training before measuring, so features mean something
         "measure_batches": 8,  # held-out batches: half imprint the proxy classifiers, half score them
         "pool_features": 128,  # pooled feature size per layer
-        "min_share": 0.05,  # floor of each layer's rank fraction so no layer starves
+        "min_share": 0.05,  # floor of each layer's significance, relative to the top layer, so no layer starves
     },
     "fixed": {},
     "posthoc": {},

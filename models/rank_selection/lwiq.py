@@ -22,8 +22,9 @@ search methods comes from. The paper has no public code; these are our choices:
 - Proxy classifier: weight imprinting (Qi et al., CVPR 2018): class weight =
   normalized sum of the L2-normalized features of that class, prediction =
   argmax cosine similarity. Up to `measure_batches` held-out batches; the first
-  ceil(n/2) imprint, the rest are scored (one batch: its two halves). Classes
-  absent from the imprinting half are never predicted. Labels are cast to int
+  half of their samples imprints, the second half is scored (half of the
+  batches when they are equal; a short last batch cannot leave the scored half
+  tiny). Classes absent from the imprinting half are never predicted. Labels are cast to int
   (binary CTR labels become classes 0/1).
 - Significance: gain = acc(l) - acc(previous measured layer or input), divided
   by the largest gain and floored at `min_share` (a layer that loses accuracy
@@ -167,9 +168,12 @@ class LWIQRank(RankMethod):
             for x, y in itertools.islice(batches, self.hp["measure_batches"]):
                 seen.clear()
                 x = _to(x, device)
-                model(*x) if isinstance(x, (tuple, list)) else model(x)
-                is_features = torch.is_tensor(x) and x.is_floating_point()
-                inputs.append(pool_features(x.reshape(len(x), -1), size) if is_features else None)
+                if isinstance(x, (tuple, list)):
+                    model(*x)
+                    inputs.append(None)
+                else:
+                    model(x)
+                    inputs.append(pool_features(x.reshape(len(x), -1), size) if x.is_floating_point() else None)
                 labels.append(torch.as_tensor(y).reshape(-1).long().cpu())
         finally:
             for h in handles:
@@ -179,8 +183,7 @@ class LWIQRank(RankMethod):
             raise ValueError("lwiq: measure() got no held-out batches")
 
         y = torch.cat(labels)
-        n = len(labels)
-        cut = sum(len(b) for b in labels[: (n + 1) // 2]) if n > 1 else len(y) // 2
+        n, cut = len(labels), len(y) // 2
         fit_y, eval_y = y[:cut], y[cut:]
 
         def accuracy(chunks):

@@ -14,13 +14,20 @@ from .layers import FactorizedConv2d, FactorizedEmbedding, FactorizedEmbeddingBa
 CONVERTIBLE = (nn.Linear, nn.Conv2d, nn.Embedding, nn.EmbeddingBag)
 
 
+def _supported(layer: nn.Module) -> bool:
+    """Grouped convs, non-zero padding modes and string padding have no factorized counterpart."""
+    if isinstance(layer, nn.Conv2d):
+        return layer.groups == 1 and layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+    return isinstance(layer, CONVERTIBLE)
+
+
 def _empty_like(layer: nn.Module, format: str, max_rank, **shape_kw) -> FactorizedLayer:
     """A randomly initialized factorized layer with the same interface as `layer`."""
     if isinstance(layer, nn.Linear):
         return FactorizedLinear(layer.in_features, layer.out_features, format=format, max_rank=max_rank,
                                 bias=layer.bias is not None, **shape_kw)
     if isinstance(layer, nn.Conv2d):
-        if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        if not _supported(layer):
             raise ValueError(f"layer: only Conv2d with groups=1, zero padding given as numbers is supported, got {layer}")
         return FactorizedConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, format=format,
                                 max_rank=max_rank, stride=layer.stride, padding=layer.padding,
@@ -72,7 +79,10 @@ def tensorize(model: nn.Module, *, format: str, max_rank, min_params: int = 1024
     """Replace Linear/Conv2d/Embedding/EmbeddingBag layers of `model` in place.
 
     A layer is replaced when it has at least `min_params` weights and its name
-    matches `include` (glob patterns; all when None) and not `exclude`.
+    matches `include` (glob patterns; all when None) and not `exclude`. Convs
+    without a factorized counterpart (grouped, non-zero padding modes) are left
+    dense. Every new layer is built before any is swapped in, so an error leaves
+    the model unchanged.
     `init="random"` keeps the replaced layer's weight scale (so the model's own
     init scheme survives); `init="decompose"` decomposes its trained weights.
     Returns one dict per replaced layer: name, kind, format, shape, ranks, params.
@@ -83,9 +93,10 @@ def tensorize(model: nn.Module, *, format: str, max_rank, min_params: int = 1024
         raise ValueError(f"min_params: expected a non-negative integer, got {min_params!r}")
     targets = [
         (name, module) for name, module in model.named_modules()
-        if isinstance(module, CONVERTIBLE) and module.weight.numel() >= min_params and _selected(name, include, exclude)
+        if isinstance(module, CONVERTIBLE) and _supported(module) and module.weight.numel() >= min_params
+        and _selected(name, include, exclude)
     ]
-    report = []
+    replacements = []
     for name, module in targets:
         if init == "decompose":
             new = from_dense(module, format, max_rank)
@@ -96,6 +107,9 @@ def tensorize(model: nn.Module, *, format: str, max_rank, min_params: int = 1024
                 with torch.no_grad():
                     new.bias.copy_(module.bias)
         new.to(module.weight.device, module.weight.dtype)
+        replacements.append((name, new))
+    report = []
+    for name, new in replacements:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         report.append({"layer": name, **new.describe()})

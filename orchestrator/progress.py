@@ -1,0 +1,124 @@
+"""Live progress of a search: one line per finished trial, and the same numbers as Ray metrics.
+
+The terminal line: trials done / running / failed, and the best value of the first
+objective per method. The Ray metrics (ray.util.metrics, exported in Prometheus format
+by every node's metrics agent and shown in the dashboard's Metrics view):
+
+- ranksearch_trials{search, method, status}       finished trials (status ok|failed|stopped)
+- ranksearch_best_<metric>{search, budget}        best value of the first objective per budget
+- ranksearch_hypervolume{search, method}          of each method's (metric, params/dense_params)
+                                                  front, reference (0, 1) as in pareto.parquet
+
+Everything is recomputed from Tune's trial list at each event, so a resumed search
+shows the trials of earlier sessions too.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter, defaultdict
+
+from ray import tune
+
+from .pareto import hypervolume
+from .records import error_line
+
+BOUNDED = ("accuracy", "auc")  # in [0, 1], maximized: hypervolume reference 0
+
+
+def trial_status(trial) -> str | None:
+    """ok | failed | stopped for a finished Tune trial, None while it has not finished."""
+    if trial.status == "ERROR":
+        return "failed"
+    if trial.status != "TERMINATED":
+        return None
+    result = trial.last_result or {}
+    return result["status"] if result.get("done_record") else "stopped"
+
+
+def budget_label(result: dict) -> str:
+    if result.get("method") == "dense":
+        return "dense"
+    if result.get("budget") is not None:
+        return f"{result['budget']:g}"
+    return f"p{result.get('budget_params')}"
+
+
+class SearchProgress(tune.Callback):
+    def __init__(self, search: str, total: int, objectives: list[dict], out=None):
+        self.search, self.total, self.out = search, total, out or sys.stdout
+        self.metric, self.mode = objectives[0]["metric"], objectives[0]["mode"]
+        self.hv = self.metric in BOUNDED and self.mode == "max" and {"metric": "params", "mode": "min"} in objectives
+        self.gauges = None
+
+    def setup(self, **info):
+        from ray.util.metrics import Gauge
+
+        self.gauges = {
+            "trials": Gauge("ranksearch_trials", "finished trials", tag_keys=("search", "method", "status")),
+            "best": Gauge(f"ranksearch_best_{self.metric}", f"best {self.metric} per budget", tag_keys=("search", "budget")),
+            "hv": Gauge("ranksearch_hypervolume", f"hypervolume of each method's ({self.metric}, params/dense_params) front",
+                        tag_keys=("search", "method")),
+        }
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finished(trials, trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finished(trials, trial)
+
+    def _finished(self, trials, trial) -> None:
+        finished = [(t, trial_status(t)) for t in trials]
+        finished = [(t.last_result or {}, status) for t, status in finished if status]
+        counts = Counter(status for _, status in finished)
+        best = self._best(r for r, status in finished if status == "ok")
+        self._print(trial, len(finished), sum(t.status == "RUNNING" for t in trials), counts, best)
+        if self.gauges is not None:
+            self._export(finished)
+
+    def _best(self, results) -> dict:
+        """Best value of the first objective per method."""
+        pick = max if self.mode == "max" else min
+        best = {}
+        for r in results:
+            if r.get(self.metric) is not None:
+                best[r["method"]] = pick(best.get(r["method"], r[self.metric]), r[self.metric])
+        return best
+
+    def _print(self, trial, done: int, running: int, counts: Counter, best: dict) -> None:
+        r, status = trial.last_result or {}, trial_status(trial)
+        name = str(trial)  # the slot key (search.py names trials by it)
+        if status == "ok":
+            outcome = f"{self.metric} {_num(r.get(self.metric))}  params {r.get('params') or 0:,}"
+        elif status == "failed":
+            outcome = r.get("error") if r.get("done_record") else error_line(trial.get_error())
+        else:
+            outcome = f"stopped by the scheduler after {r.get('epoch', 0)} epoch(s)"
+        board = "  ".join(f"{m} {_num(v)}" for m, v in sorted(best.items()))
+        print(f"[{done:>{len(str(self.total))}}/{self.total}] {status:<7} {name}  {outcome}\n"
+              f"    running {running}, failed {counts['failed']}, stopped {counts['stopped']}"
+              f"{'  | best ' + self.metric + ': ' + board if board else ''}", file=self.out, flush=True)
+
+    def _export(self, finished: list) -> None:
+        counts = Counter((r.get("method", "?"), status) for r, status in finished)
+        for (method, status), n in counts.items():
+            self.gauges["trials"].set(n, tags={"search": self.search, "method": method, "status": status})
+        ok = [r for r, status in finished if status == "ok" and r.get(self.metric) is not None]
+        per_budget = defaultdict(list)
+        for r in ok:
+            per_budget[budget_label(r)].append(r[self.metric])
+        for budget, values in per_budget.items():
+            value = max(values) if self.mode == "max" else min(values)
+            self.gauges["best"].set(value, tags={"search": self.search, "budget": budget})
+        if self.hv:
+            per_method = defaultdict(list)
+            for r in ok:
+                if r.get("params") and r.get("dense_params"):
+                    per_method[r["method"]].append((r[self.metric], r["params"] / r["dense_params"]))
+            for method, points in per_method.items():
+                value = hypervolume(points, [0.0, 1.0], ["max", "min"])
+                self.gauges["hv"].set(value, tags={"search": self.search, "method": method})
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
