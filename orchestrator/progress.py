@@ -26,11 +26,12 @@ from .records import error_line
 BOUNDED = ("accuracy", "auc")  # in [0, 1], maximized: hypervolume reference 0
 
 
-def trial_status(trial) -> str | None:
-    """ok | failed | stopped for a finished Tune trial, None while it has not finished."""
-    if trial.status == "ERROR":
+def trial_status(trial, ending: str | None = None) -> str | None:
+    """ok | failed | stopped for a finished Tune trial, None while it runs. Callbacks run before
+    Tune updates trial.status, so they pass `ending` ("complete" or "error") for the trial at hand."""
+    if ending == "error" or trial.status == "ERROR":
         return "failed"
-    if trial.status != "TERMINATED":
+    if ending != "complete" and trial.status != "TERMINATED":
         return None
     result = trial.last_result or {}
     return result["status"] if result.get("done_record") else "stopped"
@@ -62,17 +63,18 @@ class SearchProgress(tune.Callback):
         }
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._finished(trials, trial)
+        self._finished(trials, trial, "complete")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._finished(trials, trial)
+        self._finished(trials, trial, "error")
 
-    def _finished(self, trials, trial) -> None:
-        finished = [(t, trial_status(t)) for t in trials]
-        finished = [(t.last_result or {}, status) for t, status in finished if status]
+    def _finished(self, trials, trial, ending: str) -> None:
+        statuses = [(t, trial_status(t, ending if t is trial else None)) for t in trials]
+        finished = [(t.last_result or {}, status) for t, status in statuses if status]
         counts = Counter(status for _, status in finished)
         best = self._best(r for r, status in finished if status == "ok")
-        self._print(trial, len(finished), sum(t.status == "RUNNING" for t in trials), counts, best)
+        running = sum(t.status == "RUNNING" and t is not trial for t in trials)
+        self._print(trial, trial_status(trial, ending), len(finished), running, counts, best)
         if self.gauges is not None:
             self._export(finished)
 
@@ -85,8 +87,8 @@ class SearchProgress(tune.Callback):
                 best[r["method"]] = pick(best.get(r["method"], r[self.metric]), r[self.metric])
         return best
 
-    def _print(self, trial, done: int, running: int, counts: Counter, best: dict) -> None:
-        r, status = trial.last_result or {}, trial_status(trial)
+    def _print(self, trial, status: str, done: int, running: int, counts: Counter, best: dict) -> None:
+        r = trial.last_result or {}
         name = str(trial)  # the slot key (search.py names trials by it)
         if status == "ok":
             outcome = f"{self.metric} {_num(r.get(self.metric))}  params {r.get('params') or 0:,}"

@@ -77,6 +77,7 @@ def run_search(spec, *, storage_path=None, name=None, address=None, resume=False
         raise ValueError(f"--storage: with a ray:// address, trials run on the cluster and the driver "
                          f"here: use storage both reach (s3://, gs://), or `ranksearch submit`; got {storage!r}")
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"  # relative data paths stay relative to where the search started
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0: our progress lines only
     started = _connect(spec, address)
     import ray
 

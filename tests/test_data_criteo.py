@@ -296,16 +296,16 @@ def test_streaming_spans_chunks_and_matches_loading(tmp_path, monkeypatch):
 
 def test_streaming_a_file_larger_than_the_default_chunk(tmp_path):
     _, lines = good_lines(300, seed=8)
-    lines = lines * 60  # 18,000 lines, several default chunks
-    path = tmp_path / "day_0.gz"
-    path.write_bytes(gzip.compress("".join(l + "\n" for l in lines).encode(), compresslevel=1))
-    assert path.stat().st_size < criteo.CHUNK_BYTES < len("".join(lines)) * 2
-    total, first = 0, None
+    text = "".join(line + "\n" for line in lines) * 120  # 36,000 lines
+    assert len(text) > 2 * criteo.CHUNK_BYTES
+    (tmp_path / "day_0.gz").write_bytes(gzip.compress(text.encode(), compresslevel=1))
+    sizes, total = [], None
     for batch in iter_criteo_batches(tmp_path, SMALL_SIZES, 4096):
-        total += len(batch.labels)
-        first = first if first is not None else batch
-    assert total == 18000
-    assert torch.equal(first.sparse["cat_3"].values()[300:600], first.sparse["cat_3"].values()[:300])
+        sizes.append(len(batch.labels))
+        ids = batch.sparse["cat_3"].values()
+        total = ids if total is None else torch.cat([total, ids])
+    assert sizes == [4096] * 8 + [36000 - 8 * 4096]
+    assert torch.equal(total.reshape(120, 300), total[:300].expand(120, 300))  # every repetition read alike
 
 
 # --- synthetic -------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -59,39 +60,46 @@ class RecBatch:
         )
 
 
+@lru_cache(maxsize=8)
+def _unit_lengths(batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lengths (all 1) and offsets of a batch, shared by every batch of that size (as torchrec's reader does)."""
+    num_ids = batch_size * NUM_SPARSE
+    return torch.ones(num_ids, dtype=torch.int32), torch.arange(num_ids + 1, dtype=torch.int32)
+
+
 def make_batch(dense: torch.Tensor, sparse: torch.Tensor, labels: torch.Tensor) -> RecBatch:
     """Wrap (B, 26) ids as a KeyedJaggedTensor: values key by key, every length 1.
 
-    All lengths and offsets are known, so they are passed in (as torchrec's own in-memory Criteo
-    reader does) instead of being computed and synced per batch.
+    All lengths and offsets are known, so they are passed in instead of being computed and synced
+    per batch, as torchrec's own in-memory Criteo reader does.
     """
     batch_size = len(labels)
-    num_ids = batch_size * NUM_SPARSE
+    lengths, offsets = _unit_lengths(batch_size)
     kjt = KeyedJaggedTensor(
         keys=FEATURE_NAMES,
         values=sparse.t().reshape(-1),
-        lengths=torch.ones(num_ids, dtype=torch.int32),
-        offsets=torch.arange(num_ids + 1, dtype=torch.int32),
+        lengths=lengths,
+        offsets=offsets,
         stride=batch_size,
         length_per_key=[batch_size] * NUM_SPARSE,
-        offset_per_key=list(range(0, num_ids + 1, batch_size)),
+        offset_per_key=list(range(0, batch_size * NUM_SPARSE + 1, batch_size)),
     )
     return RecBatch(dense, kjt, labels)
 
 
 @dataclass
 class RecData:
-    """Criteo-like samples in memory. The last `num_test` rows are the test split (time order, as Criteo's
-    own evaluation holds out the last day); the rest are train."""
+    """Criteo-like samples in memory. The last `num_test` rows are the test split (time order, as
+    Criteo's own evaluation holds out the last day; none by default); the rest are train."""
 
     name: str
     dense: torch.Tensor  # float32 (N, 13), already log-transformed
     sparse: torch.Tensor  # int64 (N, 26), already hashed into [0, table_sizes[k])
     labels: torch.Tensor  # float32 (N,)
     table_sizes: list[int]
-    num_test: int
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> malformed lines skipped
-    info: dict = field(default_factory=dict)  # how the data was made (generator settings, files read)
+    num_test: int = 0
+    info: dict = field(default_factory=dict)  # how the data was made (generator settings, source path)
 
     feature_names = FEATURE_NAMES
 
@@ -129,7 +137,7 @@ class RecData:
         rows = torch.from_numpy(np.concatenate([keep_train, keep_test]))
         return RecData(
             self.name, self.dense[rows], self.sparse[rows], self.labels[rows], list(self.table_sizes),
-            num_test=len(keep_test), skipped=dict(self.skipped), info=dict(self.info),
+            skipped=dict(self.skipped), num_test=len(keep_test), info=dict(self.info),
         )
 
 
@@ -246,7 +254,8 @@ def load_criteo(
     path, *, table_sizes: Sequence[int] | None = None, max_rows: int | None = None,
     strict: bool = False, test_fraction: float = 0.1,
 ) -> RecData:
-    """Materialize up to `max_rows` rows (all when None: the full Kaggle set needs ~12 GB) as RecData.
+    """Materialize up to `max_rows` rows as RecData (all when None: the full Kaggle set is ~12 GB in
+    memory, twice that while the chunks are joined).
 
     The last round(test_fraction * N) rows are the test split.
     """

@@ -48,20 +48,33 @@ class ClassificationData:
         return tuple(self.x_train.shape[1:])
 
 
+def _channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std, shaped (1, C, 1, 1), accumulated in float64 over blocks of samples
+    so that CIFAR's 50,000 images need no full-size float64 copy."""
+    total = np.zeros(x.shape[1])
+    total_sq = np.zeros(x.shape[1])
+    for start in range(0, len(x), 1024):
+        block = x[start : start + 1024].astype(np.float64)
+        total += block.sum(axis=(0, 2, 3))
+        total_sq += np.square(block).sum(axis=(0, 2, 3))
+    count = max(len(x), 1) * x.shape[2] * x.shape[3]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    std[std < 1e-6] = 1.0  # a constant channel (tiny subsets) is centred, not divided by zero
+    shape = (1, -1, 1, 1)
+    return mean.astype(np.float32).reshape(shape), std.astype(np.float32).reshape(shape)
+
+
 def _finish(name, x_train, y_train, x_test, y_test, num_classes, *, seed, max_train, max_test):
     """Subsample, normalize per channel with train statistics, and wrap as tensors."""
     train = subsample_indices(len(x_train), max_train, seed)
     test = subsample_indices(len(x_test), max_test, seed + 1)
     x_train = np.asarray(x_train[train], dtype=np.float32)
     x_test = np.asarray(x_test[test], dtype=np.float32)
-    channels = x_train.shape[1]
-    mean = np.array([x_train[:, c].mean(dtype=np.float64) for c in range(channels)], dtype=np.float32)
-    std = np.array([x_train[:, c].std(dtype=np.float64) for c in range(channels)], dtype=np.float32)
-    std[std == 0] = 1.0  # a constant channel (tiny subsets) is centred, not divided by zero
-    shape = (1, channels, 1, 1)
+    mean, std = _channel_stats(x_train)
     for x in (x_train, x_test):
-        x -= mean.reshape(shape)
-        x /= std.reshape(shape)
+        x -= mean
+        x /= std
     return ClassificationData(
         name=name,
         x_train=torch.from_numpy(x_train),

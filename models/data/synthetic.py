@@ -13,10 +13,11 @@ rank >= `rank` over the same digits represents it exactly. The click probability
     sigmoid(signal_scale * (pairwise <E_a, E_b> + per-table u_t . E_t + w . z) / sqrt(3) + bias)
 
 over the signal tables (default: the 4 largest), each term scaled to unit variance; z is the
-Gaussian behind the dense counts floor(exp(mu + z)). `info["oracle_test_auc"]` is the AUC of the
-true probabilities on the test split: the ceiling any model can reach. The other tables are Zipf noise, as most
+Gaussian behind the dense counts floor(exp(mu + z)). The other tables are Zipf noise, as most
 Criteo features are for a given model. Ids are Zipf(zipf_a) by popularity rank, then scattered
-over the table (rank * 2^31-1 + offset mod rows) the way hashing scatters Criteo's ids.
+over the table ((rank * (2^31 - 1) + offset) mod rows) the way hashing scatters Criteo's ids.
+`info["oracle_test_auc"]` is the AUC of the true probabilities on the test split: the ceiling
+any model can reach.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ _SCATTER_PRIME = 2_147_483_647  # prime and larger than any table, so rank -> id
 
 
 def _digit_base(rows: int) -> int:
+    """The smallest c with c ** 3 >= rows: three balanced digits address every row."""
     base = max(2, round(rows ** (1 / 3)))
     while base**3 < rows:
         base += 1

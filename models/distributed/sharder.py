@@ -85,6 +85,9 @@ KERNEL_BY_SHARDING_TYPE = {
     ShardingType.TABLE_WISE.value: EmbeddingComputeKernel.CUSTOMIZED_KERNEL.value,
     ShardingType.DATA_PARALLEL.value: EmbeddingComputeKernel.DENSE.value,
 }
+# What a plan may say: also DENSE for table-wise (torchrec's `table_wise(rank=...)` default), which
+# names the same thing, the unfused autograd lookup.
+ACCEPTED_KERNELS = frozenset({EmbeddingComputeKernel.DENSE.value, EmbeddingComputeKernel.CUSTOMIZED_KERNEL.value})
 
 
 def is_tt_table(bag: nn.Module) -> bool:
@@ -252,11 +255,11 @@ class ShardedTTEmbeddingBagCollection(
                     f"plan: table {config.name!r} has sharding type {ps.sharding_type!r}; "
                     f"TT embedding collections support {', '.join(SUPPORTED_SHARDING_TYPES)}"
                 )
-            if ps.compute_kernel != KERNEL_BY_SHARDING_TYPE[ps.sharding_type]:
+            if ps.compute_kernel not in ACCEPTED_KERNELS:
                 raise ValueError(
                     f"plan: table {config.name!r} ({ps.sharding_type}) has compute kernel {ps.compute_kernel!r}; "
-                    f"TT embedding collections use {KERNEL_BY_SHARDING_TYPE[ps.sharding_type]!r} for it "
-                    "(the tables' own modules, plain parameters, optimizer outside)"
+                    f"TT embedding collections compute with the tables' own modules: use "
+                    f"{KERNEL_BY_SHARDING_TYPE[ps.sharding_type]!r} (plain parameters, optimizer outside)"
                 )
             if ps.sharding_type == ShardingType.TABLE_WISE.value and (not ps.ranks or len(ps.ranks) != 1):
                 raise ValueError(f"plan: table-wise table {config.name!r} needs exactly one rank, got {ps.ranks}")

@@ -20,9 +20,12 @@ Choices (the paper leaves them open):
   to the *mean* task loss, so kl_weight = 1/N_train is the exact per-example ELBO (their MNIST
   5e-5 is about 3/N).
 - λ is a constant of the loss between updates (no gradient flows into it).
-- An interior TT core entry lies in two slices (one per neighbouring edge): each slice's prior
-  is one factor of its prior, and its KL is counted once per slice. A Tucker core lies in no
-  slice: no prior, and it stays a point estimate.
+- An interior TT core entry lies in two slices (one per neighbouring edge): its prior is the
+  product of both slices' Gaussians. So the KL is −H(q), once per entry, plus the expected
+  −log prior, once per slice: for an entry in one slice this is the usual Gaussian KL, and for
+  every slice the closed-form λ update stays the exact maximizer. (Summing a full Gaussian KL
+  per slice would count such entries' entropy twice, set their σ² to twice the prior variance
+  and stop λ from shrinking.) A Tucker core lies in no slice: no prior, a point estimate.
 """
 
 from __future__ import annotations
@@ -58,8 +61,7 @@ class _Moments(NamedTuple):
     """Per-slice sums over the entries a slice covers."""
 
     mean_sq: torch.Tensor  # Σ μ²
-    var: torch.Tensor  # Σ σ²
-    log_var: torch.Tensor  # Σ log σ²
+    var: torch.Tensor  # Σ σ² (0 for map)
     count: int  # D
 
 
@@ -80,18 +82,20 @@ class _LayerPrior(nn.Module):
         return getattr(self, f"lambda2_{edge}")
 
     def moments(self, weight, edge: int) -> _Moments:
-        mean_sq = var = log_var = 0.0
+        mean_sq = var = 0.0
         count = 0
         for f, d in weight.slice_members(edge):
             mu = weight.factors[f]
             others = [i for i in range(mu.dim()) if i != d]
             mean_sq = mean_sq + mu.pow(2).sum(others)
             if str(f) in self.log_sigma:
-                log_sigma = self.log_sigma[str(f)]
-                var = var + (2 * log_sigma).exp().sum(others)
-                log_var = log_var + 2 * log_sigma.sum(others)
+                var = var + (2 * self.log_sigma[str(f)]).exp().sum(others)
             count += mu.numel() // mu.shape[d]
-        return _Moments(mean_sq, var, log_var, count)
+        return _Moments(mean_sq, var, count)
+
+    def entropy(self) -> torch.Tensor:
+        """H(q) up to its constant ½·log 2π per entry: Σ (log σ + ½)."""
+        return sum((ls + 0.5).sum() for ls in self.log_sigma.values()) if self.log_sigma else torch.zeros(())
 
     def sample(self, factors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Reparameterized draw μ + σ·ε of every covered factor (the `factor_sampler` hook)."""
@@ -141,16 +145,17 @@ class BayesianRank(RankMethod):
                 lam2.copy_(((1 - step_size) * lam2 + step_size * update).clamp_min(LAMBDA2_FLOOR))
 
     def divergence(self) -> torch.Tensor:
-        """Unweighted regularizer: KL(q ‖ prior) for svi, −log prior (up to a constant) for map."""
+        """The unweighted regularizer: KL(q ‖ prior) for svi, −log prior for map, both without the
+        ½·log 2π per entry that cancels (svi) or is constant (map).
+
+        E_q[−log prior] = Σ_slices Σ (μ² + σ²)/(2λ²) + D·log λ, and KL = that − H(q).
+        """
         total = torch.zeros(())
         for prior, weight in self._pairs():
             for e in range(weight.num_edges):
                 m, lam2 = prior.moments(weight, e), prior.lambda2(e)
-                if self.hp["inference"] == "svi":
-                    per_slice = 0.5 * ((m.mean_sq + m.var) / lam2 - m.count + m.count * lam2.log() - m.log_var)
-                else:
-                    per_slice = m.mean_sq / (2 * lam2) + 0.5 * m.count * lam2.log()
-                total = total + per_slice.sum()
+                total = total + ((m.mean_sq + m.var) / (2 * lam2) + 0.5 * m.count * lam2.log()).sum()
+            total = total - prior.entropy()
         return total
 
     def kl_factor(self) -> float:

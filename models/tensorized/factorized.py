@@ -23,6 +23,22 @@ from torch import nn
 
 Label = tuple[str, int]  # ("mode", i) | ("edge", k) | ("one", j) — a size-1 boundary
 BATCH: Label = ("batch", 0)
+MAX_EXPRESSIONS = 512  # cached contraction expressions per tensor (one per distinct batch size)
+
+
+def _optimizer(n_operands: int) -> str:
+    """Exhaustive search is cheap up to 5 operands and opt_einsum's 'auto' is not optimal there
+    (a Tucker row lookup came out 8-12x costlier than the best order); beyond, 'auto'."""
+    return "optimal" if n_operands <= 5 else "auto"
+
+
+def _bucketed(inputs, shapes) -> tuple:
+    """Shapes with every batch-labelled size rounded up to a power of two: the key of a cached path,
+    so a lookup batch with a new number of distinct ids reuses a path instead of searching again."""
+    return tuple(
+        tuple(1 << max(0, int(s) - 1).bit_length() if lb == BATCH else s for lb, s in zip(ls, shape))
+        for ls, shape in zip(inputs, shapes)
+    )
 
 
 class FactorizedTensor(nn.Module):
@@ -120,11 +136,21 @@ class FactorizedTensor(nn.Module):
         shapes = tuple(tuple(op.shape) for op in operands)
         # the labels are part of the key: two contractions with equal operand shapes (a square
         # tensor applied along different modes) must not share an expression
-        cache_key = (key, tuple(tuple(ls) for ls in inputs), tuple(output), shapes)
-        expr = self._expressions.get(cache_key)
+        labels = (key, tuple(tuple(ls) for ls in inputs), tuple(output))
+        expr = self._expressions.get((labels, shapes))
         if expr is None:
-            expr = opt_einsum.contract_expression(self._equation(inputs, output), *shapes, optimize="auto")
-            self._expressions[cache_key] = expr
+            equation = self._equation(inputs, output)
+            path_key = ("path", labels, _bucketed(inputs, shapes))
+            path = self._expressions.get(path_key)
+            if path is None:
+                path, _ = opt_einsum.contract_path(
+                    equation, *path_key[2], shapes=True, optimize=_optimizer(len(shapes))
+                )
+            if len(self._expressions) >= MAX_EXPRESSIONS:
+                self._expressions.clear()
+            self._expressions[path_key] = path
+            expr = opt_einsum.contract_expression(equation, *shapes, optimize=path)
+            self._expressions[(labels, shapes)] = expr
         return expr(*operands, backend="torch")
 
     def full(self) -> torch.Tensor:
@@ -159,7 +185,9 @@ class FactorizedTensor(nn.Module):
         return self._contract("rows", self._row_labels(digits), out, factors)
 
     def _cost(self, inputs, output, shapes) -> int:
-        _, info = opt_einsum.contract_path(self._equation(inputs, output), *shapes, shapes=True, optimize="auto")
+        _, info = opt_einsum.contract_path(
+            self._equation(inputs, output), *shapes, shapes=True, optimize=_optimizer(len(shapes))
+        )
         return int(info.opt_cost) // 2  # opt_einsum counts a multiply-add as 2
 
     def flops(self, x_shape: Sequence[int] | None = None, in_modes=(), out_modes=()) -> int:
