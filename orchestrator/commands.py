@@ -1,22 +1,178 @@
-"""Search-level subcommands of `ranksearch` (run, resume, report, validate, submit, demo)."""
+"""Search-level subcommands of `ranksearch`: run, resume, report, validate, submit, demo.
+
+Bad input (an invalid spec, a resource request the cluster cannot meet, storage the
+nodes do not share) raises ValueError, which cli.main turns into exit code 2.
+"""
 
 from __future__ import annotations
 
+import os
+import shlex
+import time
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+# Never uploaded as the job's working_dir: environments, results, caches.
+SUBMIT_EXCLUDES = [".venv", "runs", "bench/out", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache"]
+DEMO_PRESET = "digits-quick"
+
+
+def _print_result(report_dir) -> None:
+    from .report import front_table
+
+    print(f"\nreports: {report_dir}")
+    print(front_table(report_dir))
+
+
+def cmd_run(args) -> int:
+    from .search import run_search
+
+    result = run_search(args.spec, storage_path=args.storage, name=args.name, address=args.address)
+    _print_result(result.report_dir)
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from .search import resume_search
+
+    result = resume_search(args.dir, address=args.address)
+    _print_result(result.report_dir)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .search import regenerate_reports
+
+    _print_result(regenerate_reports(args.dir))
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from search_spaces import load_spec
+
+    from .plan import build_plan
+
+    spec = load_spec(args.spec)
+    plan = build_plan(spec, experiment_path="-")
+    search, res = spec.search, spec.resources
+    cells = {slot.cell_index for slot in plan.slots}
+    print(f"{spec.name}: valid")
+    print(f"  grid: {len(cells)} cells = models {spec.models} x formats {spec.formats} x methods "
+          f"{list(spec.methods)} x budgets {spec.budgets} (dense: one cell per model)")
+    print(f"  trials: {len(plan.slots)} (seeds {search['seeds']}, up to {search['samples_per_cell']} samples per cell)")
+    print(f"  search: searcher {search['searcher']}, scheduler {search['scheduler']}; "
+          f"per trial: cpu {res['cpu']:g}, gpu {res['gpu']:g}, workers {res['workers']}")
+    objectives = ", ".join(f"{o['metric']} ({o['mode']})" for o in spec.objectives)
+    print(f"  objectives: {objectives}")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    """Validate here, then run `ranksearch run` on the cluster as a Ray job with this project as working_dir."""
+    from search_spaces import load_spec
+
+    load_spec(args.spec)  # a bad spec fails here, not minutes later on the cluster
+    entrypoint = ["ranksearch", "run", _spec_on_cluster(args.spec)]
+    for flag, value in (("--storage", args.storage), ("--name", args.name)):
+        if value:
+            entrypoint += [flag, value]
+    client = _job_client(args.address)
+    job_id = client.submit_job(
+        entrypoint=shlex.join(entrypoint),
+        runtime_env={"working_dir": str(PROJECT_DIR), "excludes": SUBMIT_EXCLUDES},
+    )
+    print(f"submitted {job_id}: {shlex.join(entrypoint)}")
+    print(f"  follow: ray job logs --follow {job_id} --address {args.address}")
+    if not args.wait:
+        return 0
+    status = _wait(client, job_id)
+    print(client.get_job_logs(job_id), end="")
+    print(f"{job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _spec_on_cluster(spec: str) -> str:
+    """The spec as the job sees it: a preset name as is, a file relative to the uploaded project."""
+    path = Path(spec).expanduser().resolve()
+    if not path.is_file():
+        return spec  # a preset name (load_spec accepted it)
+    if not path.is_relative_to(PROJECT_DIR):
+        raise ValueError(f"SPEC: {spec} is outside the project directory {PROJECT_DIR}, which is what the job "
+                         "uploads; copy the spec into the project or use a preset name")
+    return path.relative_to(PROJECT_DIR).as_posix()
+
+
+def auth_token() -> str | None:
+    """The Ray auth token from where Ray itself looks: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH,
+    then ~/.ray/auth_token (written by `ray get-auth-token --generate`)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _job_client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    token = auth_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except (ConnectionError, RuntimeError) as exc:
+        hint = "" if token else " (no auth token found: `ray get-auth-token --generate`, or set RAY_AUTH_TOKEN)"
+        raise ValueError(f"--address: cannot reach the Ray job server at {address}: {exc}{hint}") from None
+
+
+def _wait(client, job_id: str, poll_s: float = 2.0) -> str:
+    from ray.job_submission import JobStatus
+
+    while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        time.sleep(poll_s)
+    return str(status.value)
+
 
 def cmd_demo(args) -> int:
-    """Dense vs compressed MLP on the bundled digits data."""
-    from models.train import fit
+    """The digits-quick preset: every method on bundled digits, a few minutes on 2 CPUs."""
+    from .search import run_search
 
-    from .cli import _print_record
-
-    train = {"epochs": 8, "finetune_epochs": 2, "max_rank": 8}
-    dense = fit(model="mlp", dataset="digits", method="dense", train=train)
-    _print_record(dense)
-    compressed = fit(model="mlp", dataset="digits", method="bayesian", format="ttm", budget=0.1, train=train)
-    _print_record(compressed)
+    result = run_search(DEMO_PRESET, storage_path=args.storage, name=args.name)
+    _print_result(result.report_dir)
     return 0
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("demo", help="the quick demo on bundled digits (what `make demo` runs)")
+    def where(p):
+        p.add_argument("--storage", help="where experiments live: a directory (NFS for multi-node) or "
+                                         "s3://... / gs://... (default: the spec's storage, else ./runs)")
+        p.add_argument("--name", help="experiment name (default: <spec name>-<timestamp>)")
+
+    p = sub.add_parser("run", help="run a search: SPEC is a YAML file or a preset name")
+    p.add_argument("spec")
+    where(p)
+    p.add_argument("--address", help="join this Ray cluster ('auto', 'ray://HOST:10001'); default: start Ray here")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("resume", help="continue an interrupted search; no finished trial is re-run")
+    p.add_argument("dir", help="the experiment directory (<storage>/<name>)")
+    p.add_argument("--address", help="join this Ray cluster; default: start Ray here")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("report", help="rebuild the reports of an experiment from its records and print the fronts")
+    p.add_argument("dir", help="the experiment directory (<storage>/<name>)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("validate", help="check a spec without running it (exit 2 listing every error)")
+    p.add_argument("spec")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("submit", help="run a search on a Ray cluster as a Ray job (this project as working_dir)")
+    p.add_argument("spec", help="a preset name or a spec file inside this project")
+    p.add_argument("--address", required=True, help="the cluster's job server, e.g. http://127.0.0.1:8265 "
+                                                    "(through `ray dashboard cluster.yaml`)")
+    where(p)
+    p.add_argument("--wait", action="store_true", help="wait for the job, print its logs, exit 1 unless it succeeded")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("demo", help=f"run the {DEMO_PRESET} preset and print its Pareto fronts (what `make demo` runs)")
+    where(p)
     p.set_defaults(func=cmd_demo)

@@ -673,3 +673,22 @@ def test_cuda_ten_million_row_table_in_little_memory(fmt):
     ids = torch.randint(0, 10**7, (4096,), device=dev)
     bag(ids, torch.arange(0, 4096, 4, device=dev)).sum().backward()
     assert torch.cuda.max_memory_allocated(dev) - base < 2**30
+
+
+def test_tucker_lookup_contracts_in_a_cheap_order():
+    """Row lookups of a Tucker table: core with one factor at a time (~r^4 per row), never the
+    (rows, r, r, r) outer product of the row factors times the core (~r^3 * dim per row)."""
+    bag = FactorizedEmbeddingBag(10**6, 128, format="tucker", max_rank=16)
+    r = 16
+    sequential = r**4 + r**3 + r**2 + 128 * r
+    assert bag.flops(4096) <= 1.1 * 4096 * sequential
+
+
+def test_lookup_paths_are_reused_across_batch_sizes():
+    bag = FactorizedEmbeddingBag(10**4, 16, format="tt", max_rank=4)
+    for n in (100, 101, 117, 128):  # one power-of-two bucket: one path search
+        bag.rows(torch.arange(n))
+    paths = [k for k in bag.weight._expressions if k[0] == "path"]
+    assert len(paths) == 1
+    bag.rows(torch.arange(129))
+    assert len([k for k in bag.weight._expressions if k[0] == "path"]) == 2

@@ -28,7 +28,7 @@ training phase (`Trainer.run`) instead:
 4. unwraps: puts the unsharded collections back and broadcasts every table-wise table from its
    owner, so all ranks hold the whole trained model again.
 
-Rank 0 reports the final record last; `fit_distributed` returns it.
+Rank 0's `fit` returns the record; Ray Train hands it to the driver (`Result.return_value`).
 
 Inside a Ray Tune trial (the orchestrator's trainable), per-epoch rows are forwarded to Tune as the
 trial's intermediate results (`TuneReportCallback`, Ray Train v2's integration); `ray.train.report`
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import os
 import sys
@@ -57,8 +56,6 @@ from models.train import Trainer
 
 __all__ = ["DistributedTrainer", "ShardedTask", "fit_distributed", "slice_batch", "slice_kjt", "train_worker"]
 
-_FINAL = "_ranksearch_final"
-_RECORD = "_ranksearch_record"
 PLANNERS = ("torchrec", "balanced")
 
 
@@ -300,21 +297,15 @@ def _fit_with(trainer_cls, options: dict):
         trainer_cls.options = {}
 
 
-def _json_safe(value):
-    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
-
-
-def train_worker(config: dict) -> None:
-    """Ray Train's `train_loop_per_worker`: `fit` on this rank, rows and record by ray.train.report."""
+def train_worker(config: dict) -> Optional[dict]:
+    """Ray Train's `train_loop_per_worker`: `fit` on this rank, each epoch row reported with
+    `ray.train.report` (on every rank: it is a barrier; rank 0's row is kept). Rank 0 returns the
+    record (Ray Train v2 hands rank 0's return value to the driver as `Result.return_value`)."""
     import ray.train
 
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank = ray.train.get_context().get_world_rank()
     record = run_fit_on_rank(config, report=lambda row: ray.train.report(row))
-    final = {_FINAL: True, "world_size": world}
-    if rank == 0:
-        final[_RECORD] = json.dumps(_json_safe(record))
-    ray.train.report(final)
+    return record if rank == 0 else None
 
 
 def run_fit_on_rank(config: dict, report: Optional[Callable[[dict], None]] = None) -> dict:
@@ -373,19 +364,6 @@ def _absolute_dataset(dataset):
     return dataset
 
 
-def _tune_forwarder():
-    """Ray Train v2's TuneReportCallback, minus our final record report (the trial reports that)."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    class _EpochRowsToTune(TuneReportCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            if metrics and metrics[0].get(_FINAL):
-                return
-            super().after_report(run_context, metrics, checkpoint)
-
-    return _EpochRowsToTune()
-
-
 def fit_distributed(
     *,
     num_workers: int,
@@ -412,6 +390,7 @@ def fit_distributed(
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
     from ray.tune.trainable.trainable_fn_utils import _in_tune_session
 
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
@@ -448,14 +427,13 @@ def fit_distributed(
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures),
-            callbacks=[_tune_forwarder()] if tune_report else None,
+            callbacks=[TuneReportCallback()] if tune_report else None,
         ),
     )
     result = trainer.fit()
-    metrics = result.metrics or {}
-    if _RECORD not in metrics:
-        raise RuntimeError(f"fit_distributed: the workers finished without a record (last metrics: {sorted(metrics)})")
-    record = json.loads(metrics[_RECORD])
+    record = result.return_value
+    if not isinstance(record, dict):
+        raise RuntimeError(f"fit_distributed: rank 0 finished without a record (returned {type(record).__name__})")
     if on_epoch is not None and not tune_report:
         for row in record.get("history", []):
             on_epoch(row)

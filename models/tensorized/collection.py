@@ -44,10 +44,14 @@ class TTEmbeddingBagCollection(nn.Module):
                 raise ValueError(f"tables.{table.name}.pooling: only SUM and MEAN are supported, got {table.pooling}")
             mode = _POOLING[table.pooling]
             if table.num_embeddings >= min_rows or options:
-                bag = FactorizedEmbeddingBag(
-                    table.num_embeddings, table.embedding_dim, format=options.get("format", format),
-                    max_rank=options.get("max_rank", max_rank), mode=mode, shape=options.get("shape"),
-                )
+                try:
+                    bag = FactorizedEmbeddingBag(
+                        table.num_embeddings, table.embedding_dim, format=options.get("format", format),
+                        max_rank=options.get("max_rank", max_rank), mode=mode, shape=options.get("shape"),
+                    )
+                except ValueError as exc:  # name the table: "table_options.t_cat_2.shape[0]: ..."
+                    where = f"table_options.{table.name}." if options else f"tables.{table.name}: "
+                    raise ValueError(f"{where}{exc}") from None
             else:
                 bag = nn.EmbeddingBag(table.num_embeddings, table.embedding_dim, mode=mode)
                 bound = table.num_embeddings ** -0.5  # DLRM reference init
