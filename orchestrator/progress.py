@@ -46,11 +46,17 @@ def budget_label(result: dict) -> str:
 
 
 class SearchProgress(tune.Callback):
-    def __init__(self, search: str, total: int, objectives: list[dict], out=None):
-        self.search, self.total, self.out = search, total, out or sys.stdout
+    """Tune pickles its callbacks with the experiment (for resume): hence no stream or
+    metric objects kept across pickling, only plain settings."""
+
+    def __init__(self, search: str, total: int, objectives: list[dict]):
+        self.search, self.total = search, total
         self.metric, self.mode = objectives[0]["metric"], objectives[0]["mode"]
         self.hv = self.metric in BOUNDED and self.mode == "max" and {"metric": "params", "mode": "min"} in objectives
         self.gauges = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "gauges": None}
 
     def setup(self, **info):
         from ray.util.metrics import Gauge
@@ -96,10 +102,10 @@ class SearchProgress(tune.Callback):
             outcome = r.get("error") if r.get("done_record") else error_line(trial.get_error())
         else:
             outcome = f"stopped by the scheduler after {r.get('epoch', 0)} epoch(s)"
-        board = "  ".join(f"{m} {_num(v)}" for m, v in sorted(best.items()))
-        print(f"[{done:>{len(str(self.total))}}/{self.total}] {status:<7} {name}  {outcome}\n"
-              f"    running {running}, failed {counts['failed']}, stopped {counts['stopped']}"
-              f"{'  | best ' + self.metric + ': ' + board if board else ''}", file=self.out, flush=True)
+        board = ", ".join(f"{m} {_num(v)}" for m, v in sorted(best.items()))
+        print(f"[{done:>{len(str(self.total))}}/{self.total}] {status:<7} {name}  {outcome}  | running {running}, "
+              f"failed {counts['failed']}, stopped {counts['stopped']}"
+              f"{'  | best ' + self.metric + ': ' + board if board else ''}", file=sys.stdout, flush=True)
 
     def _export(self, finished: list) -> None:
         counts = Counter((r.get("method", "?"), status) for r, status in finished)

@@ -78,6 +78,9 @@ def run_search(spec, *, storage_path=None, name=None, address=None, resume=False
                          f"here: use storage both reach (s3://, gs://), or `ranksearch submit`; got {storage!r}")
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"  # relative data paths stay relative to where the search started
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0: our progress lines only
+    # Trials report per-epoch rows (ASHA's metric) and one final record (the searcher's objectives):
+    # no single result carries every metric, which Tune's strict check would demand.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     started = _connect(spec, address)
     import ray
 
@@ -204,14 +207,17 @@ def _tuner(plan: Plan, spec: Spec, storage: str, name: str, resume: bool):
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
     search = spec.search
     keys = tuple(slot.key for slot in plan.slots)
+    seed = search["seeds"][0]  # sampling is seeded too: the same spec draws the same values
     if search["searcher"] == "optuna":
         from .searcher import CellSearch
 
         objectives = spec.objectives
-        search_alg = CellSearch(plan, [o["metric"] for o in objectives], [o["mode"] for o in objectives])
+        search_alg = CellSearch(plan, [o["metric"] for o in objectives], [o["mode"] for o in objectives], seed)
         param_space, num_samples = {}, len(plan.slots)
     else:
-        search_alg, num_samples = None, 1
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        search_alg, num_samples = BasicVariantGenerator(random_state=seed), 1
         param_space = {"slot": tune.grid_search(list(range(len(plan.slots)))), **plan.full_space()}
     tune_config = tune.TuneConfig(
         search_alg=search_alg, scheduler=_scheduler(spec), num_samples=num_samples,

@@ -13,6 +13,10 @@ cell covered; each study models exactly its own problem on the spec's objectives
 
 from __future__ import annotations
 
+import pickle
+
+import optuna
+
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
@@ -38,6 +42,8 @@ class CellSearch(Searcher):
             self._cell_of[trial_id] = None
             return {"slot": slot.index}
         if cell not in self._studies:
+            optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study on the terminal
+            space = OptunaSearch.convert_search_space(space)
             self._studies[cell] = OptunaSearch(space, metric=self.metric, mode=self.mode, seed=self._seed + cell)
         self._cell_of[trial_id] = cell
         return {"slot": slot.index, **self._studies[cell].suggest(trial_id)}
@@ -55,13 +61,9 @@ class CellSearch(Searcher):
             self._studies[cell].on_trial_complete(trial_id, None)
 
     def save(self, checkpoint_path: str):
-        import pickle
-
         with open(checkpoint_path, "wb") as f:
             pickle.dump(self.__dict__, f)
 
     def restore(self, checkpoint_path: str):
-        import pickle
-
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))

@@ -16,13 +16,32 @@ from models.rank_selection import RankMethod
 from models.tensorized import FactorizedLinear
 
 
+@torch.no_grad()
+def _balance(weight, sweeps: int = 30) -> None:
+    """Give every factor's unfolding along each of its edges orthonormal rows (alternating polar
+    projections): each edge then has a flat spectrum, so every slice of the teacher matters as
+    much as the others and its ranks are unambiguous rather than numerically blurred."""
+    for _ in range(sweeps):
+        for factor, labels in zip(weight.factors, weight.labels):
+            for d, (kind, _) in enumerate(labels):
+                if kind == "edge":
+                    moved = factor.movedim(d, 0)
+                    u, _, vh = torch.linalg.svd(moved.reshape(moved.shape[0], -1), full_matrices=False)
+                    factor.copy_((u @ vh).reshape(moved.shape).movedim(0, d))
+
+
 def make_teacher(format: str, ranks, in_features: int, out_features: int, seed: int = 0,
                  **shape_kw) -> FactorizedLinear:
-    """A layer of exactly `ranks` (one per rank edge) whose outputs have unit-order scale for
+    """A layer of exactly `ranks` (one per rank edge, each no larger than its edge allows), with
+    balanced slices and weights of std 1/sqrt(in_features), so outputs have unit scale for
     standard normal inputs. `shape_kw` (in_shape, out_shape) fixes the tensorization."""
     torch.manual_seed(seed)
     teacher = FactorizedLinear(in_features, out_features, format=format, max_rank=list(ranks), **shape_kw)
-    teacher.reset_parameters(std=1 / math.sqrt(in_features))
+    _balance(teacher.weight)
+    with torch.no_grad():
+        scale = (1 / math.sqrt(in_features) / teacher.dense_weight().std()) ** (1 / len(teacher.weight.factors))
+        for factor in teacher.weight.factors:
+            factor.mul_(scale)
     return teacher.eval()
 
 

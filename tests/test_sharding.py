@@ -4,6 +4,7 @@ a fit on 2 Ray Train workers."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import warnings
@@ -90,6 +91,11 @@ def _sharded_vs_unsharded(rank: int, world: int) -> dict:
     out["is_sharded"] = isinstance(sharded, ShardedTTEmbeddingBagCollection)
     out["local_tables"] = sorted(sharded.local_tables)
     out["ddp_ignored"] = sorted(getattr(dmp.module, "_ddp_params_and_buffers_to_ignore", []))
+    state = dmp.state_dict()
+    out["state_keys_ok"] = all(
+        torch.equal(state[k], v) for k, v in reference.state_dict().items() if k in state
+    )
+    out["state_tables"] = sorted({k.split(".")[3] for k in state if k.startswith(f"{COLLECTION}.embedding_bags.")})
 
     dense, kjt, labels = make_batch(B * world, seed=1)
     mine = slice_batch((dense, kjt, labels), rank, world)
@@ -151,6 +157,9 @@ def test_dmp_shards_tt_collection_table_wise(two_ranks):
     assert r0["is_sharded"] and r1["is_sharded"], r0["sharded_type"]
     assert r0["local_tables"] == ["t0", "t3"]  # t0 owned, t3 replicated
     assert r1["local_tables"] == ["t1", "t2", "t3"]
+    # state dict: the unsharded keys (and values) of the tables this rank holds
+    assert r0["state_tables"] == ["t0", "t3"] and r1["state_tables"] == ["t1", "t2", "t3"]
+    assert r0["state_keys_ok"] and r1["state_keys_ok"]
     # DMP keeps owned TT factors out of DDP; replicated tables and the MLPs stay in it
     assert any(".embedding_bags.t0.weight.factors." in n for n in r0["ddp_ignored"])
     assert not any(".t3." in n for n in r0["ddp_ignored"])
@@ -262,17 +271,6 @@ def test_sharder_contract():
 # ---- a fit on 2 Ray Train workers ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 SMALL_DLRM = dict(
     model="dlrm", dataset="synthetic-criteo", format="tt", budget=0.5,
     train={"epochs": 1, "batch_size": 256, "lr": 0.01, "max_rank": 4, "finetune_epochs": 1},
@@ -282,16 +280,38 @@ SMALL_DLRM = dict(
 
 
 @pytest.mark.slow
-def test_fit_distributed_two_cpu_workers(ray_cluster, tmp_path):
-    _quiet()
-    from models.distributed import fit_distributed
+def test_fit_distributed_in_a_tune_trial(ray_session, tmp_path):
+    """What the orchestrator does for resources.workers > 1: a Tune trial (the Train driver, a
+    fraction of a CPU) runs fit_distributed on 2 TorchTrainer workers; epoch rows reach Tune."""
+    from ray import tune
 
-    rows = []
-    record = fit_distributed(num_workers=2, use_gpu=False, cpus_per_worker=1, storage_path=str(tmp_path),
-                             name="dist", on_epoch=rows.append, method="fixed", **copy.deepcopy(SMALL_DLRM))
-    assert record["distributed"]["world_size"] == 2 and record["distributed"]["backend"] == "gloo"
-    assert 0.5 < record["auc"] <= 1 and math.isfinite(record["logloss"])
-    assert record["budget_met"] is True and record["epochs_done"] == 2
-    assert len(rows) == 2 and rows[-1]["epoch"] == 2
-    tables = record["ranks"]
-    assert len(tables) == 2  # the two TT tables, gathered back from their owners
+    storage = str(tmp_path)
+
+    def trainable(config):  # defined here: pickled by value for the trial actor
+        from models.distributed import fit_distributed
+
+        record = fit_distributed(num_workers=2, use_gpu=False, cpus_per_worker=0.9, storage_path=storage,
+                                 name="inner", **config)
+        tune.report({
+            "final_auc": record["auc"], "final_logloss": record["logloss"], "budget_met": record["budget_met"],
+            "epochs_done": record["epochs_done"], "world_size": record["distributed"]["world_size"],
+            "backend": record["distributed"]["backend"], "tables_ranked": len(record["ranks"]),
+            "tt_owners": json.dumps(record["distributed"]["placements"][-1]["tables"]),
+        })
+
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": 0.2}),
+        param_space={"method": "fixed", **copy.deepcopy(SMALL_DLRM)},
+        run_config=tune.RunConfig(storage_path=storage, name="outer", verbose=0),
+    )
+    result = tuner.fit()[0]
+    assert result.error is None, result.error
+    final = result.metrics
+    assert final["world_size"] == 2 and final["backend"] == "gloo"
+    assert 0.5 < final["final_auc"] <= 1 and math.isfinite(final["final_logloss"])
+    assert final["budget_met"] is True and final["epochs_done"] == 2 and final["tables_ranked"] == 2
+    owners = json.loads(final["tt_owners"])[COLLECTION]
+    assert {owners["t_cat_0"], owners["t_cat_1"]} == {0, 1}  # the two TT tables, one per worker
+    rows = result.metrics_dataframe
+    epochs = rows[rows["epoch"].notna()]  # the workers' epoch rows, forwarded live to Tune
+    assert list(epochs["epoch"]) == [1, 2] and epochs["val_auc"].notna().all()

@@ -61,10 +61,13 @@ __all__ = [
     "tt_tables",
 ]
 
-# Effective multiply-add throughput of the TT lookup's small batched einsums, in FLOP per ms.
-# Conservative orders of magnitude (measured CPU: a few GFLOP/s per core on rank-16 cores);
-# only the ratio between tables and to the gather cost matters to the partitioner.
-TT_FLOPS_PER_MS = {"cpu": 5e6, "cuda": 2e9, "mtia": 2e8}
+# Cost of one TT row (forward): ROW_OVERHEAD_MS + 2 * flops_per_row / TT_FLOPS_PER_MS, backward
+# `bwd_compute_multiplier` (2) times that. CPU figures measured here (one thread, FactorizedEmbeddingBag
+# forward+backward on 2048 ids; 3000x8 rank 4: 4 us/row, 10^7x128 TTM rank 16: 17 us/row). GPU
+# figures are placeholders (not measured: no TorchRec build on the lent GPU machine) - the
+# partitioner only needs the ratios between tables and against the row-gather estimate.
+TT_FLOPS_PER_MS = {"cpu": 2.5e6, "cuda": 2e8, "mtia": 2e8}
+ROW_OVERHEAD_MS = {"cpu": 1.3e-3, "cuda": 1e-5, "mtia": 1e-5}
 DEFAULT_POOLING_FACTOR = 1.0  # ids per sample and feature (Criteo: exactly one)
 _TW_KERNEL = KERNEL_BY_SHARDING_TYPE[ShardingType.TABLE_WISE.value]
 _DENSE_KERNEL = EmbeddingComputeKernel.DENSE.value
@@ -142,6 +145,11 @@ def tt_constraints(
     return constraints
 
 
+def tt_row_ms(flops_per_row: int, flops_per_ms: float, row_overhead_ms: float) -> float:
+    """Forward milliseconds to compute one TT row."""
+    return row_overhead_ms + 2.0 * flops_per_row / flops_per_ms
+
+
 def _in_tt_collection(option: ShardingOption) -> bool:
     return isinstance(option.module[1], TTEmbeddingBagCollection)
 
@@ -204,14 +212,18 @@ class TTPerfEstimator(EmbeddingPerfEstimator):
     """TorchRec's perf estimate plus the compute of building rows from TT cores.
 
     Per shard and iteration a TT table computes one row per looked-up id: batch x pooling factor x
-    features ids on the owner (table-wise: the batch of every rank). Each row costs
-    `flops_per_row` multiply-adds (2 FLOP) forward and `bwd_compute_multiplier` times that
-    backward, at `flops_per_ms` (default by device, `TT_FLOPS_PER_MS`).
+    features ids on the owner (table-wise: the batch of every rank). Each row costs a fixed
+    overhead plus `flops_per_row` multiply-adds (2 FLOP) at `flops_per_ms` forward, and
+    `bwd_compute_multiplier` times that backward (defaults by device: `TT_FLOPS_PER_MS`,
+    `ROW_OVERHEAD_MS`).
     """
 
-    def __init__(self, topology: Topology, constraints=None, *, flops_per_ms: Optional[float] = None, **kwargs) -> None:
+    def __init__(self, topology: Topology, constraints=None, *, flops_per_ms: Optional[float] = None,
+                 row_overhead_ms: Optional[float] = None, **kwargs) -> None:
         super().__init__(topology=topology, constraints=constraints, **kwargs)
-        self._flops_per_ms = flops_per_ms or TT_FLOPS_PER_MS.get(topology.compute_device, TT_FLOPS_PER_MS["cpu"])
+        device = topology.compute_device
+        self._flops_per_ms = flops_per_ms or TT_FLOPS_PER_MS.get(device, TT_FLOPS_PER_MS["cpu"])
+        self._row_ms = ROW_OVERHEAD_MS.get(device, ROW_OVERHEAD_MS["cpu"]) if row_overhead_ms is None else row_overhead_ms
         self._bwd_multiplier = getattr(topology, "bwd_compute_multiplier", BWD_COMPUTE_MULTIPLIER)
 
     def estimate(self, sharding_options: List[ShardingOption], sharder_data_map=None) -> None:
@@ -234,7 +246,7 @@ class TTPerfEstimator(EmbeddingPerfEstimator):
             pooling = sum(option.input_lengths)  # ids per sample over the table's features
             ranks_batches = world if option.sharding_type == ShardingType.TABLE_WISE.value else 1
             rows = option.batch_size * ranks_batches * pooling
-            fwd = 2.0 * info.flops_per_row * rows / self._flops_per_ms
+            fwd = rows * tt_row_ms(info.flops_per_row, self._flops_per_ms, self._row_ms)
             for shard in option.shards:
                 if shard.perf is None:
                     continue
@@ -316,13 +328,14 @@ def balanced_table_wise_plan(
 
     sharder = sharder or TTEmbeddingBagCollectionSharder()
     flops_per_ms = tt_flops_per_ms or TT_FLOPS_PER_MS.get(compute_device, TT_FLOPS_PER_MS["cpu"])
+    row_ms = ROW_OVERHEAD_MS.get(compute_device, ROW_OVERHEAD_MS["cpu"])
     bandwidth = HBM_MEM_BW if compute_device in {"cuda", "mtia"} else DDR_MEM_BW
     infos = tt_tables(model)
 
     def cost(info: TTTableInfo) -> float:
         pf = (pooling_factors or {}).get(info.name, DEFAULT_POOLING_FACTOR) * info.num_features
         rows = batch_size * world_size * pf
-        compute = 2.0 * info.flops_per_row * rows * (1 + BWD_COMPUTE_MULTIPLIER) / flops_per_ms
+        compute = rows * tt_row_ms(info.flops_per_row, flops_per_ms, row_ms) * (1 + BWD_COMPUTE_MULTIPLIER) if info.is_tt else 0.0
         io = rows * info.embedding_dim * 4 * 3 / bandwidth
         return compute + io
 

@@ -23,9 +23,16 @@ ordinary `nn.Parameter`s (TorchRec's CUSTOMIZED_KERNEL: no FBGEMM table, no fuse
 owner: a plain torch optimizer over `model.parameters()` on each rank updates its own tables and
 the replicated dense part. `fused_optimizer` is empty for these tables.
 
-State dict keys of the owned tables are those of the unsharded collection
+State dict keys of the tables a rank holds are those of the unsharded collection
 (`embedding_bags.<table>.weight.factors.<i>`, `embedding_bags.<table>.weight.mask_<k>`, ...), so
-a rank's state loads into an unsharded model (`gather_tables` collects all of them).
+each rank's part loads into an unsharded model; the owned modules are the unsharded collection's
+own module objects, moved to the device (workers.DistributedTrainer relies on it to put the
+trained tables back into the full model).
+
+A plan may give table-wise tables TorchRec's CUSTOMIZED_KERNEL (what the planner and
+`planning.py` use) or DENSE (what `torchrec.distributed.sharding_plan.table_wise` defaults to):
+both mean the tables' own modules with autograd. Not supported: row/column-wise sharding (a TT
+table is not a slab of rows), shared features, variable batch per feature, feature processors.
 """
 
 from __future__ import annotations

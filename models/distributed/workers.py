@@ -167,9 +167,9 @@ class DistributedTrainer(Trainer):
         self.full_net = net
         self.device = self.options.get("device") or next(net.parameters()).device
         self.planner = self.options.get("planner", "torchrec")
-        self.placements: List[dict] = []  # (phase, placement) of every sharded phase
+        # mode and table placement of every sharded phase, shared with run_fit_on_rank
+        self.placements: List[dict] = self.options.setdefault("placements", [])
         self._phase_params = 0
-        self._method = None
 
     # -- sharding ----------------------------------------------------------------------------
 
@@ -215,7 +215,7 @@ class DistributedTrainer(Trainer):
             self.full_net, env=ShardingEnv.from_process_group(dist.group.WORLD), device=self.device, plan=plan,
             sharders=default_sharders(),
         )
-        self.placements.append({"mode": mode, "tables": table_placement(plan)})
+        self.placements.append({"phase_epoch": self.epoch, "mode": mode, "tables": table_placement(plan)})
         return dmp, collections, plan
 
     @torch.no_grad()
@@ -243,12 +243,16 @@ class DistributedTrainer(Trainer):
             return
         mode = "data_parallel" if method is not None else "table_wise"
         dmp, collections, plan = self._shard(mode)
-        self.net, self._method = dmp, method
+        self.net = dmp
         try:
             super().run(epochs, phase, method)
-        finally:
-            self.net, self._method = self.full_net, None
-            self._unshard(dmp, collections, plan)
+        except BaseException:
+            # no collectives here: the other ranks may be elsewhere; Ray Train (or the caller)
+            # stops the whole group when one worker fails
+            self.net = self.full_net
+            raise
+        self.net = self.full_net
+        self._unshard(dmp, collections, plan)
 
     def _optimizer(self, method, lr: float):
         optimizer = super()._optimizer(method, lr)
@@ -347,7 +351,7 @@ def run_fit_on_rank(config: dict, report: Optional[Callable[[dict], None]] = Non
     record["history"] = rows
     record["distributed"] = {
         "world_size": world, "backend": dist.get_backend(), "planner": options["planner"],
-        "fit_wall_time_s": time.perf_counter() - start,
+        "placements": options.get("placements", []), "fit_wall_time_s": time.perf_counter() - start,
     }
     return record
 

@@ -1,0 +1,271 @@
+"""DLRM with TT-embedding tables: (1) embedding-parameter reduction and AUC against the dense
+DLRM on synthetic Criteo-like data; (2) lookup throughput of one table, TT against
+nn.EmbeddingBag and TorchRec's fused EmbeddingBagCollection.
+
+(1) Every model is trained by `models.train.fit` with the same data, seed and training
+settings; only the method / budget differ. The data come from the synthetic generator
+(`models.data.synthetic`) whose signal tables have a planted TT structure (rank 4 over
+the id's three digits): the largest tables are the signal tables, the small ones noise.
+Budgets are fractions of the dense parameter count of the factorized tables; the
+reduction is reported for the factorized tables and for all embedding parameters
+(the small plain tables included).
+
+(2) One table behind each collection interface, all fed the same KeyedJaggedTensor
+(uniform ids: few repeats, the worst case for TT, which computes each distinct id of a
+batch once): forward + backward per batch, as lookups per second (ids looked up /
+seconds). The variants take turns, one timed block each per round, and the median
+over rounds is reported, so drift in the machine's load hits all alike.
+- TT (ttm): `TTEmbeddingBagCollection`, gradients into the cores (no optimizer step).
+- torchrec EBC: `torchrec.EmbeddingBagCollection` (nn.EmbeddingBag inside), dense gradient
+  of the whole table (what autograd does by default), and the same with sparse=True
+  (`nn.EmbeddingBag(sparse=True)`, gradient rows only).
+- fused EBC: `torchrec.modules.fused_embedding_modules.FusedEmbeddingBagCollection`, FBGEMM's
+  SplitTableBatchedEmbeddingBagsCodegen on CPU with the SGD update fused into the backward:
+  its time INCLUDES the optimizer update, which the others leave out.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import statistics
+import time
+
+import torch
+
+THREADS_ENV = "RANKSEARCH_BENCH_THREADS"
+
+FULL = dict(
+    compression=dict(
+        table_sizes=[1_000_000] * 4 + [10] * 22,  # 4 signal tables of 100^3 rows, 22 tiny noise tables
+        num_samples=200_000,
+        train={"epochs": 3, "finetune_epochs": 1, "batch_size": 2048, "lr": 1e-3, "max_rank": 16, "seed": 0},
+        model_options={"embedding_dim": 16, "min_rows": 1000},
+        runs=[("dense", None), ("fixed", 1e-3), ("fixed", 3e-4), ("fixed", 1e-4), ("bayesian", 3e-4),
+              ("bayesian", 1e-4)],
+    ),
+    lookup=dict(
+        cases=[dict(rows=10**6, dim=128, bags=4096, pooling=1), dict(rows=10**6, dim=128, bags=4096, pooling=10)],
+        ranks=[16, 32],
+        repeats=7,
+        min_block_s=0.2,
+    ),
+)
+QUICK = dict(
+    compression=dict(
+        table_sizes=[27_000] * 4 + [10] * 22,
+        num_samples=20_000,
+        train={"epochs": 1, "finetune_epochs": 1, "batch_size": 1024, "lr": 1e-3, "max_rank": 8, "seed": 0},
+        model_options={"embedding_dim": 16, "min_rows": 1000, "dense_arch": [64], "over_arch": [64]},
+        runs=[("dense", None), ("fixed", 1e-2), ("bayesian", 1e-2)],
+    ),
+    lookup=dict(cases=[dict(rows=10**5, dim=64, bags=1024, pooling=1)], ranks=[16], repeats=3, min_block_s=0.02),
+)
+
+
+def _threads() -> int:
+    value = os.environ.get(THREADS_ENV)
+    return int(value) if value else torch.get_num_threads()
+
+
+# ---- (1) parameter reduction and AUC ----------------------------------------------------------
+
+
+def compression(config: dict, device: str = "cpu") -> list[dict]:
+    from models.data import load_dataset
+    from models.train import fit
+
+    data = load_dataset("synthetic-criteo", num_samples=config["num_samples"], table_sizes=config["table_sizes"],
+                        seed=config["train"]["seed"])
+    rows = []
+    for method, budget in config["runs"]:
+        record = fit(model="dlrm", dataset="synthetic-criteo", data=data, method=method, format="ttm",
+                     budget=budget if budget is not None else 0.1, train=config["train"],
+                     model_options=config["model_options"], device=device)
+        factorized = [t for t in record["tables"] if t["factorized"]]
+        fact_params = sum(t["params"] for t in factorized)
+        fact_dense = sum(t["dense_params"] for t in factorized)
+        rows.append({
+            "method": method, "budget": budget, "auc": record["auc"], "logloss": record["logloss"],
+            "accuracy": record["accuracy"], "embedding_params": record["embedding_params"],
+            "embedding_dense_params": record["embedding_dense_params"],
+            "embedding_reduction": record["embedding_compression"],
+            "factorized_table_params": fact_params, "factorized_table_dense_params": fact_dense,
+            "factorized_table_reduction": fact_dense / fact_params if fact_params else None,
+            "params": record["params"], "dense_params": record["dense_params"], "compression": record["compression"],
+            "ranks": {t["table"]: t["ranks"] for t in factorized}, "budget_met": record["budget_met"],
+            "wall_time_s": record["wall_time_s"], "rank_search_time_s": record["rank_search_time_s"],
+        })
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    for r in rows:
+        r["auc_vs_dense"] = None if dense is None else r["auc"] - dense["auc"]
+    return rows
+
+
+def _compression_markdown(config: dict, rows: list[dict]) -> str:
+    sizes = config["table_sizes"]
+    big = sorted({s for s in sizes if s >= config["model_options"]["min_rows"]}, reverse=True)
+    t = config["train"]
+    lines = [
+        f"Synthetic Criteo-like data: {config['num_samples']:,} samples (10 % test), 26 tables: "
+        f"{sum(s >= config['model_options']['min_rows'] for s in sizes)} of {', '.join(f'{s:,}' for s in big)} rows "
+        f"(TT, ttm) and {sum(s < config['model_options']['min_rows'] for s in sizes)} of ≤ "
+        f"{max(s for s in sizes if s < config['model_options']['min_rows']):,} rows (plain); "
+        f"dim {config['model_options']['embedding_dim']}. fit: {t['epochs']} epochs + {t['finetune_epochs']} fine-tune, "
+        f"batch {t['batch_size']}, Adam lr {t['lr']}, max rank {t['max_rank']}, seed {t['seed']}.",
+        "",
+        "| method | budget | test AUC | Δ AUC vs dense | log loss | embedding params | reduction (all embeddings) "
+        "| reduction (TT tables) | ranks of the TT tables | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        ranks = sorted({tuple(v) for v in r["ranks"].values()})
+        rank_text = "; ".join(str(list(k)) for k in ranks) if ranks else "-"
+        delta = "-" if r["auc_vs_dense"] is None or r["method"] == "dense" else f"{r['auc_vs_dense']:+.4f}"
+        red = "-" if r["factorized_table_reduction"] is None else f"{r['factorized_table_reduction']:,.0f}×"
+        lines.append(
+            f"| {r['method']} | {r['budget'] if r['budget'] is not None else '-'} | {r['auc']:.4f} | {delta} | "
+            f"{r['logloss']:.4f} | {r['embedding_params']:,} | {r['embedding_reduction']:,.0f}× | {red} | "
+            f"{rank_text} | {r['wall_time_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+# ---- (2) lookup throughput --------------------------------------------------------------------
+
+
+class _Variant:
+    def __init__(self, label: str, module, features, params: int):
+        self.label, self.module, self.features, self.params = label, module, features, params
+        self.times: list[float] = []
+        self.calls = 1
+
+    def once(self) -> None:
+        for p in self.module.parameters():
+            p.grad = None
+        self.module(self.features).values().sum().backward()
+
+    def block(self) -> float:
+        start = time.perf_counter()
+        for _ in range(self.calls):
+            self.once()
+        return (time.perf_counter() - start) / self.calls
+
+
+def _lookup_case(case: dict, ranks, repeats: int, min_block_s: float) -> list[dict]:
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+    from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+
+    from models.tensorized.collection import TTEmbeddingBagCollection
+
+    rows, dim, bags, pooling = case["rows"], case["dim"], case["bags"], case["pooling"]
+    tables = [EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=rows, feature_names=["f"])]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, rows, (bags * pooling,), generator=g)
+    features = KeyedJaggedTensor.from_lengths_sync(["f"], ids, torch.full((bags,), pooling, dtype=torch.int32))
+    variants = []
+    for r in ranks:
+        tt = TTEmbeddingBagCollection(tables, format="ttm", max_rank=r, min_rows=1)
+        variants.append(_Variant(f"TT ttm r{r}", tt, features, tt.embedding_bags["t"].num_parameters()))
+    ebc = EmbeddingBagCollection(tables=tables)
+    variants.append(_Variant("torchrec EBC (nn.EmbeddingBag, dense grad)", ebc, features, rows * dim))
+    sparse = EmbeddingBagCollection(tables=tables)
+    sparse.embedding_bags["t"].sparse = True
+    variants.append(_Variant("torchrec EBC (nn.EmbeddingBag, sparse grad)", sparse, features, rows * dim))
+    fused = FusedEmbeddingBagCollection(tables, optimizer_type=torch.optim.SGD, optimizer_kwargs={"lr": 0.01})
+    variants.append(_Variant("torchrec fused EBC (FBGEMM TBE + fused SGD)", fused, features, rows * dim))
+
+    for v in variants:  # warm up, then size blocks so each lasts about min_block_s
+        v.once()
+        v.calls = max(1, min(100, math.ceil(min_block_s / max(v.block(), 1e-9))))
+    for _ in range(repeats):
+        for v in variants:
+            v.times.append(v.block())
+    out = []
+    for v in variants:
+        seconds = statistics.median(v.times)
+        out.append({
+            "rows": rows, "dim": dim, "bags": bags, "pooling": pooling, "lookups": bags * pooling,
+            "variant": v.label, "params": v.params, "compression": rows * dim / v.params,
+            "ms_per_batch": seconds * 1e3, "lookups_per_s": bags * pooling / seconds,
+            "spread": (max(v.times) - min(v.times)) / seconds,
+        })
+    del variants, ebc, sparse, fused
+    gc.collect()
+    return out
+
+
+def lookup(config: dict) -> list[dict]:
+    rows = []
+    for case in config["cases"]:
+        rows += _lookup_case(case, config["ranks"], config["repeats"], config["min_block_s"])
+    return rows
+
+
+def _lookup_markdown(rows: list[dict]) -> str:
+    lines = []
+    for key in dict.fromkeys((r["rows"], r["dim"], r["bags"], r["pooling"]) for r in rows):
+        n, d, b, p = key
+        case = [r for r in rows if (r["rows"], r["dim"], r["bags"], r["pooling"]) == key]
+        ref = next(r for r in case if "fused" in r["variant"])
+        lines += [
+            f"Table {n:,} × {d}, {b:,} bags of {p} id{'s' if p > 1 else ''} (uniform ids), forward + backward:",
+            "",
+            "| variant | params | compression | ms / batch | lookups / s | vs fused |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in case:
+            lines.append(
+                f"| {r['variant']} | {r['params']:,} | {r['compression']:,.0f}× | {r['ms_per_batch']:.2f} | "
+                f"{r['lookups_per_s']:,.0f} | {r['lookups_per_s'] / ref['lookups_per_s']:.2f}× |"
+            )
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+# ---- entry point ------------------------------------------------------------------------------
+
+
+def run(quick: bool = False, device: str = "cpu", parts=("compression", "lookup")) -> dict:
+    config = QUICK if quick else FULL
+    before = torch.get_num_threads()
+    threads = _threads()
+    torch.set_num_threads(threads)
+    try:
+        result_rows, sections = [], []
+        load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        if "compression" in parts:
+            rows = compression(config["compression"], device)
+            result_rows += [{"part": "compression", **r} for r in rows]
+            sections.append("### Embedding-parameter reduction and AUC against the dense DLRM\n\n"
+                            + _compression_markdown(config["compression"], rows))
+        if "lookup" in parts:
+            if device != "cpu":
+                raise ValueError("device: the lookup benchmark compares CPU kernels (fbgemm-gpu-cpu); use cpu")
+            rows = lookup(config["lookup"])
+            result_rows += [{"part": "lookup", **r} for r in rows]
+            sections.append("### Lookup throughput, one table\n\n" + _lookup_markdown(rows))
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        note = (f"_torch threads {threads}; load average {load_before:.1f} before, {load:.1f} after "
+                f"(other processes share the machine: compare rows within a table, not across runs)._")
+        return {"rows": result_rows, "markdown": "\n\n".join(sections + [note]),
+                "meta": {"threads": threads, "config": {k: config[k] for k in parts}}}
+    finally:
+        torch.set_num_threads(before)
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--parts", default="compression,lookup")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    result = run(args.quick, parts=tuple(args.parts.split(",")))
+    print(result["markdown"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2, default=str)
