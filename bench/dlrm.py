@@ -10,18 +10,20 @@ Budgets are fractions of the dense parameter count of the factorized tables; the
 reduction is reported for the factorized tables and for all embedding parameters
 (the small plain tables included).
 
-(2) One table behind each collection interface, all fed the same KeyedJaggedTensor
-(uniform ids: few repeats, the worst case for TT, which computes each distinct id of a
-batch once): forward + backward per batch, as lookups per second (ids looked up /
-seconds). The variants take turns, one timed block each per round, and the median
-over rounds is reported, so drift in the machine's load hits all alike.
-- TT (ttm): `TTEmbeddingBagCollection`, gradients into the cores (no optimizer step).
-- torchrec EBC: `torchrec.EmbeddingBagCollection` (nn.EmbeddingBag inside), dense gradient
-  of the whole table (what autograd does by default), and the same with sparse=True
-  (`nn.EmbeddingBag(sparse=True)`, gradient rows only).
-- fused EBC: `torchrec.modules.fused_embedding_modules.FusedEmbeddingBagCollection`, FBGEMM's
-  SplitTableBatchedEmbeddingBagsCodegen on CPU with the SGD update fused into the backward:
-  its time INCLUDES the optimizer update, which the others leave out.
+(2) One table of the same logical size per variant, all fed the same ids (uniform: few
+repeats, the worst case for TT, which computes each distinct id of a batch once; or
+Zipf-distributed, as real categorical ids are): forward + backward per batch, reported as
+lookups per second (ids looked up / seconds). The variants take turns, one timed block each
+per round, and the median over rounds is reported, so drift in the machine's load hits all
+alike.
+- TT: `FactorizedEmbeddingBag` (ttm, what `TTEmbeddingBagCollection` holds), gradients into
+  the cores; no optimizer step.
+- nn.EmbeddingBag (what `torchrec.EmbeddingBagCollection` holds): dense gradient of the whole
+  table (autograd's default), and sparse=True (gradient rows only); no optimizer step.
+- fused (CPU): `torchrec.modules.fused_embedding_modules.FusedEmbeddingBagCollection`, FBGEMM's
+  SplitTableBatchedEmbeddingBagsCodegen with the SGD update fused into the backward, called
+  with a KeyedJaggedTensor: its time INCLUDES the optimizer update, which the others leave
+  out. On cuda only TT and nn.EmbeddingBag run (the CUDA build of fbgemm is not installed).
 """
 
 from __future__ import annotations
@@ -46,7 +48,13 @@ FULL = dict(
               ("bayesian", 1e-4)],
     ),
     lookup=dict(
-        cases=[dict(rows=10**6, dim=128, bags=4096, pooling=1), dict(rows=10**6, dim=128, bags=4096, pooling=10)],
+        cases=[
+            dict(rows=10**6, dim=128, bags=4096, pooling=1),
+            dict(rows=10**6, dim=128, bags=4096, pooling=1, ids="zipf"),
+            dict(rows=10**6, dim=128, bags=4096, pooling=10),
+            # 10^7 x 128 is 5 GB per dense copy: only the fused table beside TT (memory is shared)
+            dict(rows=10**7, dim=128, bags=4096, pooling=1, variants=("tt", "fused")),
+        ],
         ranks=[16, 32],
         repeats=7,
         min_block_s=0.2,
@@ -136,89 +144,117 @@ def _compression_markdown(config: dict, rows: list[dict]) -> str:
 
 
 class _Variant:
-    def __init__(self, label: str, module, features, params: int):
-        self.label, self.module, self.features, self.params = label, module, features, params
+    def __init__(self, label: str, module, call, params: int, device: torch.device):
+        self.label, self.module, self.call, self.params, self.device = label, module, call, params, device
         self.times: list[float] = []
         self.calls = 1
 
     def once(self) -> None:
         for p in self.module.parameters():
             p.grad = None
-        self.module(self.features).values().sum().backward()
+        self.call(self.module).sum().backward()
 
     def block(self) -> float:
+        _sync(self.device)
         start = time.perf_counter()
         for _ in range(self.calls):
             self.once()
+        _sync(self.device)
         return (time.perf_counter() - start) / self.calls
 
 
-def _lookup_case(case: dict, ranks, repeats: int, min_block_s: float) -> list[dict]:
-    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
-    from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    from models.tensorized.collection import TTEmbeddingBagCollection
+
+def _ids(case: dict, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    n, rows = case["bags"] * case["pooling"], case["rows"]
+    if case.get("ids", "uniform") == "uniform":
+        return torch.randint(0, rows, (n,), generator=g).to(device)
+    # Zipf(1.1) popularity, scattered over the table as hashing does (see models.data.synthetic)
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    rank = ((1 + u * ((rows + 1.0) ** -0.1 - 1)) ** (1 / -0.1)).floor().long().clamp(1, rows) - 1
+    return ((rank * 2_147_483_647 + 12345) % rows).to(device)
+
+
+def _lookup_case(case: dict, ranks, repeats: int, min_block_s: float, device: torch.device) -> list[dict]:
+    from models.tensorized import FactorizedEmbeddingBag
 
     rows, dim, bags, pooling = case["rows"], case["dim"], case["bags"], case["pooling"]
-    tables = [EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=rows, feature_names=["f"])]
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, rows, (bags * pooling,), generator=g)
-    features = KeyedJaggedTensor.from_lengths_sync(["f"], ids, torch.full((bags,), pooling, dtype=torch.int32))
+    wanted = case.get("variants", ("tt", "dense", "sparse", "fused"))
+    ids = _ids(case, device)
+    offsets = torch.arange(0, bags * pooling, pooling, device=device)
+    plain = lambda m: m(ids, offsets)  # noqa: E731
     variants = []
-    for r in ranks:
-        tt = TTEmbeddingBagCollection(tables, format="ttm", max_rank=r, min_rows=1)
-        variants.append(_Variant(f"TT ttm r{r}", tt, features, tt.embedding_bags["t"].num_parameters()))
-    ebc = EmbeddingBagCollection(tables=tables)
-    variants.append(_Variant("torchrec EBC (nn.EmbeddingBag, dense grad)", ebc, features, rows * dim))
-    sparse = EmbeddingBagCollection(tables=tables)
-    sparse.embedding_bags["t"].sparse = True
-    variants.append(_Variant("torchrec EBC (nn.EmbeddingBag, sparse grad)", sparse, features, rows * dim))
-    fused = FusedEmbeddingBagCollection(tables, optimizer_type=torch.optim.SGD, optimizer_kwargs={"lr": 0.01})
-    variants.append(_Variant("torchrec fused EBC (FBGEMM TBE + fused SGD)", fused, features, rows * dim))
+    if "tt" in wanted:
+        for r in ranks:
+            tt = FactorizedEmbeddingBag(rows, dim, format="ttm", max_rank=r, mode="sum").to(device)
+            variants.append(_Variant(f"TT ttm r{r} (FactorizedEmbeddingBag)", tt, plain, tt.num_parameters(), device))
+    if "dense" in wanted:
+        bag = torch.nn.EmbeddingBag(rows, dim, mode="sum").to(device)
+        variants.append(_Variant("nn.EmbeddingBag, dense grad", bag, plain, rows * dim, device))
+    if "sparse" in wanted:
+        bag = torch.nn.EmbeddingBag(rows, dim, mode="sum", sparse=True).to(device)
+        variants.append(_Variant("nn.EmbeddingBag, sparse grad", bag, plain, rows * dim, device))
+    if "fused" in wanted and device.type == "cpu":  # fbgemm-gpu-cpu here; the CUDA build is not installed
+        from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+        from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+
+        tables = [EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=rows, feature_names=["f"])]
+        fused = FusedEmbeddingBagCollection(tables, optimizer_type=torch.optim.SGD, optimizer_kwargs={"lr": 0.01})
+        kjt = KeyedJaggedTensor.from_lengths_sync(["f"], ids, torch.full((bags,), pooling, dtype=torch.int32))
+        variants.append(_Variant("torchrec FusedEmbeddingBagCollection (FBGEMM TBE, SGD fused in backward)",
+                                 fused, lambda m: m(kjt).values(), rows * dim, device))
 
     for v in variants:  # warm up, then size blocks so each lasts about min_block_s
         v.once()
         v.calls = max(1, min(100, math.ceil(min_block_s / max(v.block(), 1e-9))))
-    for _ in range(repeats):
+    for _ in range(repeats):  # rounds: every variant once per round
         for v in variants:
             v.times.append(v.block())
     out = []
     for v in variants:
         seconds = statistics.median(v.times)
         out.append({
-            "rows": rows, "dim": dim, "bags": bags, "pooling": pooling, "lookups": bags * pooling,
+            "rows": rows, "dim": dim, "bags": bags, "pooling": pooling, "ids": case.get("ids", "uniform"),
+            "unique_ids": int(torch.unique(ids).numel()), "lookups": bags * pooling, "device": device.type,
             "variant": v.label, "params": v.params, "compression": rows * dim / v.params,
             "ms_per_batch": seconds * 1e3, "lookups_per_s": bags * pooling / seconds,
             "spread": (max(v.times) - min(v.times)) / seconds,
         })
-    del variants, ebc, sparse, fused
+    del variants
     gc.collect()
     return out
 
 
-def lookup(config: dict) -> list[dict]:
+def lookup(config: dict, device: torch.device) -> list[dict]:
     rows = []
     for case in config["cases"]:
-        rows += _lookup_case(case, config["ranks"], config["repeats"], config["min_block_s"])
+        rows += _lookup_case(case, config["ranks"], config["repeats"], config["min_block_s"], device)
     return rows
 
 
 def _lookup_markdown(rows: list[dict]) -> str:
     lines = []
-    for key in dict.fromkeys((r["rows"], r["dim"], r["bags"], r["pooling"]) for r in rows):
-        n, d, b, p = key
-        case = [r for r in rows if (r["rows"], r["dim"], r["bags"], r["pooling"]) == key]
-        ref = next(r for r in case if "fused" in r["variant"])
+    keys = dict.fromkeys((r["rows"], r["dim"], r["bags"], r["pooling"], r["ids"], r["device"]) for r in rows)
+    for key in keys:
+        n, d, b, p, ids, dev = key
+        case = [r for r in rows if (r["rows"], r["dim"], r["bags"], r["pooling"], r["ids"], r["device"]) == key]
+        ref = next((r for r in case if "Fused" in r["variant"]),
+                   next((r for r in case if "sparse grad" in r["variant"]), case[0]))
         lines += [
-            f"Table {n:,} × {d}, {b:,} bags of {p} id{'s' if p > 1 else ''} (uniform ids), forward + backward:",
+            f"Table {n:,} × {d} on {dev}, {b:,} bags of {p} id{'s' if p > 1 else ''} ({ids} ids, "
+            f"{case[0]['unique_ids']:,} distinct), forward + backward:",
             "",
-            "| variant | params | compression | ms / batch | lookups / s | vs fused |",
+            f"| variant | params | compression | ms / batch | lookups / s | vs {ref['variant'].split(' (')[0]} |",
             "|---|---:|---:|---:|---:|---:|",
         ]
         for r in case:
             lines.append(
                 f"| {r['variant']} | {r['params']:,} | {r['compression']:,.0f}× | {r['ms_per_batch']:.2f} | "
-                f"{r['lookups_per_s']:,.0f} | {r['lookups_per_s'] / ref['lookups_per_s']:.2f}× |"
+                f"{r['lookups_per_s']:,.0f} | {r['lookups_per_s'] / ref['lookups_per_s']:.3f}× |"
             )
         lines.append("")
     return "\n".join(lines).rstrip()
@@ -241,9 +277,7 @@ def run(quick: bool = False, device: str = "cpu", parts=("compression", "lookup"
             sections.append("### Embedding-parameter reduction and AUC against the dense DLRM\n\n"
                             + _compression_markdown(config["compression"], rows))
         if "lookup" in parts:
-            if device != "cpu":
-                raise ValueError("device: the lookup benchmark compares CPU kernels (fbgemm-gpu-cpu); use cpu")
-            rows = lookup(config["lookup"])
+            rows = lookup(config["lookup"], torch.device(device))
             result_rows += [{"part": "lookup", **r} for r in rows]
             sections.append("### Lookup throughput, one table\n\n" + _lookup_markdown(rows))
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

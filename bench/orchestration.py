@@ -68,7 +68,7 @@ def run(quick: bool = False) -> dict:
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=CPUS, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        ray.init(address="local", num_cpus=CPUS, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     rows = []
     try:
         with tempfile.TemporaryDirectory(prefix="bench-orchestration-") as storage:

@@ -85,8 +85,6 @@ def run_search(spec, *, storage_path=None, name=None, address=None, resume=False
     import ray
 
     try:
-        if address or not started:
-            spec.check_resources(_cluster_capacity())
         _check_shared_storage(storage)
         files.write_spec(spec.to_dict())
         grid = _tuner(plan, spec, storage, name, resume).fit()
@@ -121,19 +119,32 @@ def regenerate_reports(experiment_path: str) -> Path:
 
 
 def _connect(spec: Spec, address: str | None) -> bool:
-    """Join the Ray this process already uses, a cluster at `address`, or start a local one; True if started here."""
+    """Use the Ray this process already joined, a cluster (`address`, else $RAY_ADDRESS, which a Ray
+    job's driver has), or a new local Ray sized to this machine; check that a trial fits. True if
+    connected here (then the caller shuts down)."""
     import ray
 
-    if ray.is_initialized():
-        return False
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
-    if address:
-        ray.init(address=address, **quiet)
-        return True
-    cpus, gpus = os.cpu_count() or 1, _local_gpus()
-    spec.check_resources({"CPU": cpus, "GPU": gpus})  # before Ray starts: a trial that cannot fit waits forever
-    ray.init(num_cpus=cpus, num_gpus=gpus, dashboard_host="127.0.0.1", **quiet)
-    return True
+    started = not ray.is_initialized()
+    if started:
+        quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            try:
+                ray.init(address=address, **quiet)
+            except ConnectionError as exc:
+                raise ValueError(f"--address: no Ray cluster at {address!r}: {exc}") from None
+        else:
+            cpus, gpus = os.cpu_count() or 1, _local_gpus()
+            spec.check_resources({"CPU": cpus, "GPU": gpus})  # before Ray starts: nothing to clean up
+            # address="local": a new Ray even when a `ray start` cluster on this machine would be found
+            ray.init(address="local", num_cpus=cpus, num_gpus=gpus, dashboard_host="127.0.0.1", **quiet)
+    try:
+        spec.check_resources(_cluster_capacity())  # a trial that can never fit would wait forever
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
+    return started
 
 
 def _local_gpus() -> int:
@@ -174,7 +185,7 @@ def _check_shared_storage(storage: str) -> None:
         seen = _probe(str(probe), [n["NodeID"] for n in nodes])
     finally:
         probe.unlink()
-    blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen) if not ok]
+    blind = [f"{n['NodeManagerAddress']} (node {n['NodeID'][:12]})" for n, ok in zip(nodes, seen) if not ok]
     if blind:
         raise SpecError([
             f"storage: {storage!r} is not visible from node(s) {', '.join(blind)}: a multi-node search needs "
@@ -204,33 +215,52 @@ def _tuner(plan: Plan, spec: Spec, storage: str, name: str, resume: bool):
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), _resources(spec.resources))
     path = f"{storage.rstrip('/')}/{name}"
     if resume and tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
-    search = spec.search
+        # Tune re-reads the old trials' result files and warns about those the killed driver never
+        # flushed; the records are what counts, so that warning is noise here.
+        analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+        level = analysis_log.level
+        analysis_log.setLevel(logging.ERROR)
+        try:
+            return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
+                                      restart_errored=False)
+        finally:
+            analysis_log.setLevel(level)
     keys = tuple(slot.key for slot in plan.slots)
-    seed = search["seeds"][0]  # sampling is seeded too: the same spec draws the same values
-    if search["searcher"] == "optuna":
-        from .searcher import CellSearch
-
-        objectives = spec.objectives
-        search_alg = CellSearch(plan, [o["metric"] for o in objectives], [o["mode"] for o in objectives], seed)
-        param_space, num_samples = {}, len(plan.slots)
-    else:
-        from ray.tune.search.basic_variant import BasicVariantGenerator
-
-        search_alg, num_samples = BasicVariantGenerator(random_state=seed), 1
-        param_space = {"slot": tune.grid_search(list(range(len(plan.slots)))), **plan.full_space()}
+    search_alg, param_space, num_samples = _search_alg(plan, spec)
     tune_config = tune.TuneConfig(
         search_alg=search_alg, scheduler=_scheduler(spec), num_samples=num_samples,
-        max_concurrent_trials=search["max_concurrent"], time_budget_s=search["time_budget_s"],
+        time_budget_s=spec.search["time_budget_s"],
         reuse_actors=True,  # one worker process runs many trials: no per-trial process start, imports, data load
         trial_name_creator=partial(_trial_name, keys), trial_dirname_creator=partial(_trial_dirname, keys),
     )
     run_config = tune.RunConfig(
         name=name, storage_path=storage, verbose=0,
-        failure_config=tune.FailureConfig(max_failures=search["max_failures"]),
+        failure_config=tune.FailureConfig(max_failures=spec.search["max_failures"]),
         callbacks=[SearchProgress(name, len(plan.slots), spec.objectives)],
     )
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def _search_alg(plan: Plan, spec: Spec):
+    """(search_alg, param_space, num_samples): Tune's grid + sampling, or one Optuna study per cell.
+    Sampling is seeded with the first training seed: the same spec draws the same values."""
+    from ray import tune
+
+    search, seed = spec.search, spec.search["seeds"][0]
+    if search["searcher"] == "grid":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        param_space = {"slot": tune.grid_search(list(range(len(plan.slots)))), **plan.full_space()}
+        return BasicVariantGenerator(random_state=seed, max_concurrent=search["max_concurrent"] or 0), param_space, 1
+    from ray.tune.search import ConcurrencyLimiter
+
+    from .searcher import CellSearch
+
+    metrics, modes = [o["metric"] for o in spec.objectives], [o["mode"] for o in spec.objectives]
+    searcher = CellSearch(plan, metrics, modes, seed)
+    if search["max_concurrent"]:
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=search["max_concurrent"])
+    return searcher, {}, len(plan.slots)
 
 
 def _trial_name(keys, trial) -> str:

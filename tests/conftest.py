@@ -21,7 +21,7 @@ def ray_session():
     import ray
 
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"  # before the workers start: they inherit it
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     yield ray
     ray.shutdown()
 
