@@ -1,12 +1,12 @@
 """`make bench`: run the benchmark modules of this package and write their results.
 
-    python -m bench [--only NAME[,NAME...]] [--quick] [--out DIR] [--device cpu|cuda] [--list]
+    python -m bench [--only NAME[,NAME...]] [--quick] [--out DIR] [--device cpu|cuda] [--dataset SPEC] [--list]
 
 A benchmark is any module `bench/<name>.py` (not starting with `_`) that defines
 
     def run(quick: bool) -> dict   # {"rows": [dict, ...], "markdown": str, ...anything else}
 
-It may also accept a `device` keyword, which receives `--device`. Nothing needs
+It may also accept `device` and `dataset` keywords, which receive `--device` and `--dataset`. Nothing needs
 registering: adding the file is enough. Each module's result goes to
 `<out>/<name>.json` (the dict plus run metadata) and `<out>/<name>.md`; every
 `<name>.json` found in `<out>` is then collected into `<out>/REPORT.md`, so a
@@ -56,17 +56,18 @@ def _environment() -> dict:
     return env
 
 
-def run_one(name: str, *, quick: bool, device: str | None) -> dict:
-    """Import bench/<name>.py, call its run(), check the result's shape, add metadata."""
+def run_one(name: str, *, quick: bool, device: str | None, dataset: str | None = None) -> dict:
+    """Import bench/<name>.py, call its run(), check the result's shape, add metadata.
+
+    `device` and `dataset` go only to modules whose run() takes them."""
     module = importlib.import_module(f"bench.{name}")
     runner = getattr(module, "run", None)
     if not callable(runner):
         raise TypeError(f"bench/{name}.py has no run(quick) function")
     kwargs = {"quick": quick}
-    if device is not None:
-        if "device" not in inspect.signature(runner).parameters:
-            raise TypeError(f"bench/{name}.py: run() takes no device argument, but --device {device} was given")
-        kwargs["device"] = device
+    for option, value in (("device", device), ("dataset", dataset)):
+        if value is not None and option in inspect.signature(runner).parameters:
+            kwargs[option] = value
     started = time.time()
     result = runner(**kwargs)
     if not isinstance(result, dict) or not isinstance(result.get("rows"), list) or not isinstance(
@@ -124,6 +125,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes and few repeats: a smoke run")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--device", default=None, help="passed to benchmarks that take a device (cpu, cuda)")
+    parser.add_argument("--dataset", default=None,
+                        help="passed to benchmarks that take a dataset (quality: e.g. mnist:DIR; default digits)")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     args = parser.parse_args(argv)
 
@@ -142,7 +145,7 @@ def main(argv=None) -> int:
     for name in names:
         print(f"== bench {name}{' (quick)' if args.quick else ''}", flush=True)
         try:
-            result = run_one(name, quick=args.quick, device=args.device)
+            result = run_one(name, quick=args.quick, device=args.device, dataset=args.dataset)
         except Exception:  # one broken benchmark must not hide the others' results
             traceback.print_exc()
             failed.append(name)
