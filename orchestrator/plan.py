@@ -41,6 +41,11 @@ class Plan:
     trial_log: str | None = None  # RANKSEARCH_TRIAL_LOG of the driver (see trainable.py)
 
     @property
+    def report_epochs(self) -> bool:
+        """Whether Tune needs each epoch's row: only ASHA reads them (each report is a round trip)."""
+        return self.spec["search"]["scheduler"] == "asha"
+
+    @property
     def train_fixed(self) -> dict:
         return {k: v for k, v in self.spec["train"].items() if not is_distribution(v)}
 

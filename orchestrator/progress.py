@@ -1,13 +1,14 @@
 """Live progress of a search: one line per finished trial, and the same numbers as Ray metrics.
 
-The terminal line: trials done / running / failed, and the best value of the first
-objective per method. The Ray metrics (ray.util.metrics, exported in Prometheus format
-by every node's metrics agent and shown in the dashboard's Metrics view):
+The terminal line: trials done / running / failed / stopped, and the best value of the
+first objective per method. The Ray metrics (ray.util.metrics gauges, set by the driver;
+each node's metrics agent serves them in Prometheus text format at
+http://<node ip>:<MetricsExportPort>/metrics, prefixed `ray_`, while the search's Ray runs):
 
-- ranksearch_trials{search, method, status}       finished trials (status ok|failed|stopped)
-- ranksearch_best_<metric>{search, budget}        best value of the first objective per budget
-- ranksearch_hypervolume{search, method}          of each method's (metric, params/dense_params)
-                                                  front, reference (0, 1) as in pareto.parquet
+- ray_ranksearch_trials{search, method, status}    finished trials (status ok|failed|stopped)
+- ray_ranksearch_best_<metric>{search, budget}     best value of the first objective per budget
+- ray_ranksearch_hypervolume{search, method}       of each method's (metric, params/dense_params)
+                                                   front, reference (0, 1) as in pareto.parquet
 
 Everything is recomputed from Tune's trial list at each event, so a resumed search
 shows the trials of earlier sessions too.

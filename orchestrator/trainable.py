@@ -9,9 +9,10 @@
   a lost node) reach Tune, which retries them `search.max_failures` times.
 - Per worker process, the data set is loaded once: with actor reuse, one process runs
   many trials.
-- Each epoch's row goes to Tune (`tune.report`), for ASHA and the trial's result.json;
-  the end result is the record itself, so no checkpoint is written per epoch: `fit`
-  exposes no training state, and a row alone could not resume anything.
+- Each epoch's row is kept in the record (`history`) and reported to Tune only when the
+  scheduler reads it (ASHA): every report is a round trip through the Tune driver. The
+  end result is the record itself, so no checkpoint is written per epoch: `fit` exposes
+  no training state, and a row alone could not resume anything.
 
 With RANKSEARCH_TRIAL_LOG=FILE set for the driver, every trial appends "<trial_id>\\n"
 to FILE when it starts training: an audit trail of what ran (tests use it to prove a
@@ -61,17 +62,24 @@ def _train(slot: Slot, config: dict, plan: Plan) -> dict:
     if plan.trial_log:
         with open(plan.trial_log, "a") as log:
             log.write(f"{slot.key}\n")
+    history = []
+
+    def on_epoch(row: dict) -> None:
+        history.append(row)
+        if plan.report_epochs:
+            tune.report(row)
+
     start = time.perf_counter()
     try:
         data = _dataset(base["dataset"], slot.seed, json.dumps(plan.spec["dataset_options"], sort_keys=True))
         result = fit(model=base["model"], dataset=base["dataset"], data=data, method=base["method"],
                      format=base["format"], budget=fit_budget(slot.cell["budget"]), train=train,
-                     method_params=method_params, on_epoch=tune.report)
+                     method_params=method_params, on_epoch=on_epoch)
     except Exception as exc:  # the trial's own failure: recorded, not retried (see module doc)
-        return base | {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                       "wall_time_s": time.perf_counter() - start}
-    return result | {k: base[k] for k in ("trial_id", "sample", "budget", "tune_trial_id", "node_id", "node_ip")} | {
-        "status": "ok", "error": None}
+        return base | {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "history": history,
+                       "epochs_done": len(history), "wall_time_s": time.perf_counter() - start}
+    identity = {k: base[k] for k in ("trial_id", "sample", "budget", "tune_trial_id", "node_id", "node_ip")}
+    return result | identity | {"status": "ok", "error": None, "history": history}
 
 
 @functools.lru_cache(maxsize=2)

@@ -30,7 +30,7 @@ def _main(storage: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from orchestrator import run_search, search
+    from orchestrator import connect, run_search
     from search_spaces import SpecError
 
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -47,7 +47,7 @@ def _main(storage: str) -> None:
         cluster_nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
         ray.shutdown()
 
-        search._probe = lambda path, node_ids: [node != worker.node_id for node in node_ids]  # the worker is blind
+        connect.probe = lambda path, node_ids: [node != worker.node_id for node in node_ids]  # the worker is blind
         try:
             run_search(spec, storage_path=storage, name="blind", address=cluster.address)
             refused = ""

@@ -47,7 +47,7 @@ def test_tune_errors_and_early_stops_get_records(tmp_path, tiny_spec):
         SimpleNamespace(config={"slot": 2}, metrics={"trial_id": "t2", "epoch": 1, "params": 99}, error=None),
         SimpleNamespace(config={"slot": 3}, metrics={}, error=None),  # never started (time budget)
     ]
-    records = {r["trial_id"]: r for r in search._records(plan, grid, files)}
+    records = {r["trial_id"]: r for r in search.collect_records(plan, grid, files)}
     assert records[plan.slots[0].key] == finished
     died = records[plan.slots[1].key]
     assert died["status"] == "failed" and died["tune_trial_id"] == "t1"

@@ -1,0 +1,112 @@
+"""Where a search runs: join or start Ray, and refuse what could never run there.
+
+- A trial's resources are checked against the machine before a local Ray starts, or
+  against what a cluster offers or its autoscaler can grow to: Tune would otherwise
+  leave a trial that cannot fit pending forever.
+- Storage rule: a search is multi-node when Ray reports more than one alive node. Its
+  storage must then be reachable from every node: an object-store URI (s3://, gs://, ...)
+  is taken as shared; a path is checked by writing a probe file from the driver and
+  looking for it from a zero-CPU task pinned to each node, so an NFS mount passes and a
+  node-local directory fails, naming the nodes. Nodes an autoscaler adds later cannot be
+  probed: a local path then gets a warning, and Ray's own storage check fails the trials
+  that land on a node without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+import warnings
+from pathlib import Path
+
+from search_spaces import Spec, SpecError
+
+from .records import is_uri
+
+
+def connect(spec: Spec, address: str | None) -> bool:
+    """Use the Ray this process already joined, a cluster (`address`, else $RAY_ADDRESS, which a Ray
+    job's driver has), or a new local Ray sized to this machine; check that a trial fits. True if
+    connected here (then the caller shuts down)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            try:
+                ray.init(address=address, **quiet)
+            except ConnectionError as exc:
+                raise ValueError(f"--address: no Ray cluster at {address!r}: {exc}") from None
+        else:
+            cpus, gpus = os.cpu_count() or 1, _local_gpus()
+            spec.check_resources({"CPU": cpus, "GPU": gpus})  # before Ray starts: nothing to clean up
+            # address="local": a new Ray even when a `ray start` cluster on this machine would be found
+            ray.init(address="local", num_cpus=cpus, num_gpus=gpus, dashboard_host="127.0.0.1", **quiet)
+    try:
+        spec.check_resources(cluster_capacity())  # a trial that can never fit would wait forever
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
+    return started
+
+
+def _local_gpus() -> int:
+    import torch  # already imported by the spec's model tables
+
+    return torch.cuda.device_count()
+
+
+def cluster_capacity() -> dict:
+    """What the cluster offers now, or what its autoscaler can grow to if that is more."""
+    import ray
+
+    capacity = dict(ray.cluster_resources())
+    try:  # private API (pinned ray 2.60), the one Ray Train uses for the same question
+        from ray._private.state import state
+
+        grow_to = state.get_max_resources_from_cluster_config() or {}
+    except Exception:
+        grow_to = {}
+    return {k: max(capacity.get(k, 0), grow_to.get(k, 0)) for k in {*capacity, *grow_to}}
+
+
+def check_shared_storage(storage: str) -> None:
+    """SpecError naming the nodes that cannot see a multi-node search's storage (the rule above)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if is_uri(storage):
+        return
+    if len(nodes) < 2:
+        if cluster_capacity() != dict(ray.cluster_resources()):
+            warnings.warn(f"storage {storage!r} is a local path and the cluster can add nodes: "
+                          "make sure every node mounts it (NFS), or use s3:// / gs://", stacklevel=3)
+        return
+    os.makedirs(storage, exist_ok=True)
+    marker = Path(storage, f".ranksearch-probe-{uuid.uuid4().hex}")
+    marker.touch()
+    try:
+        seen = probe(str(marker), [n["NodeID"] for n in nodes])
+    finally:
+        marker.unlink()
+    blind = [f"{n['NodeManagerAddress']} (node {n['NodeID'][:12]})" for n, ok in zip(nodes, seen) if not ok]
+    if blind:
+        raise SpecError([
+            f"storage: {storage!r} is not visible from node(s) {', '.join(blind)}: a multi-node search needs "
+            "storage every node shares, an NFS mount or s3:// / gs:// (spec `storage:` or --storage)"
+        ])
+
+
+def probe(path: str, node_ids: list[str]) -> list[bool]:
+    """Whether `path` exists, seen from each node (a zero-CPU task pinned to it)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    exists = ray.remote(num_cpus=0)(os.path.exists)
+    pinned = [exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+              for node in node_ids]
+    return ray.get([task.remote(path) for task in pinned], timeout=120)

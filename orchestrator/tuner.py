@@ -1,0 +1,108 @@
+"""The Tune experiment of a plan: search algorithm, scheduler, resources, restore."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+from search_spaces import Spec, is_distribution
+
+from .plan import EPOCH_METRICS, Plan
+
+
+def make_tuner(plan: Plan, spec: Spec, storage: str, name: str, resume: bool):
+    """A new Tuner over the plan's slots, or with resume=True the saved one when Tune left state."""
+    from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
+
+    from .progress import SearchProgress
+    from .trainable import run_trial
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), _resources(spec.resources))
+    path = f"{storage.rstrip('/')}/{name}"
+    if resume and tune.Tuner.can_restore(path):
+        # Tune re-reads the old trials' result files and warns about those the killed driver never
+        # flushed; the records are what counts, so that warning is noise here.
+        analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+        level = analysis_log.level
+        analysis_log.setLevel(logging.ERROR)
+        try:
+            return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
+                                      restart_errored=False)
+        finally:
+            analysis_log.setLevel(level)
+    keys = tuple(slot.key for slot in plan.slots)
+    search_alg, param_space, num_samples = _search_alg(plan, spec)
+    tune_config = tune.TuneConfig(
+        search_alg=search_alg, scheduler=_scheduler(spec), num_samples=num_samples,
+        time_budget_s=spec.search["time_budget_s"],
+        reuse_actors=True,  # one worker process runs many trials: no per-trial process start, imports, data load
+        trial_name_creator=partial(_trial_name, keys), trial_dirname_creator=partial(_trial_dirname, keys),
+    )
+    run_config = tune.RunConfig(
+        name=name, storage_path=storage, verbose=0,
+        failure_config=tune.FailureConfig(max_failures=spec.search["max_failures"]),
+        callbacks=[SearchProgress(name, len(plan.slots), spec.objectives), JsonLoggerCallback()],
+    )
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def _search_alg(plan: Plan, spec: Spec):
+    """(search_alg, param_space, num_samples): Tune's grid + sampling, or one Optuna study per cell.
+    Sampling is seeded with the first training seed: the same spec draws the same values."""
+    from ray import tune
+
+    search, seed = spec.search, spec.search["seeds"][0]
+    if search["searcher"] == "grid":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        param_space = {"slot": tune.grid_search(list(range(len(plan.slots)))), **plan.full_space()}
+        return BasicVariantGenerator(random_state=seed, max_concurrent=search["max_concurrent"] or 0), param_space, 1
+    from ray.tune.search import ConcurrencyLimiter
+
+    from .searcher import CellSearch
+
+    metrics, modes = [o["metric"] for o in spec.objectives], [o["mode"] for o in spec.objectives]
+    searcher = CellSearch(plan, metrics, modes, seed)
+    if search["max_concurrent"]:
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=search["max_concurrent"])
+    return searcher, {}, len(plan.slots)
+
+
+def _trial_name(keys, trial) -> str:
+    return keys[trial.config["slot"]]
+
+
+def _trial_dirname(keys, trial) -> str:
+    return f"{keys[trial.config['slot']]}_{trial.trial_id}"
+
+
+def _resources(resources: dict):
+    from ray import tune
+
+    bundle = {k: v for k, v in (("CPU", resources["cpu"]), ("GPU", resources["gpu"])) if v}
+    if resources["workers"] == 1:
+        return {key.lower(): v for key, v in bundle.items()}
+    return tune.PlacementGroupFactory([bundle] * resources["workers"], strategy="PACK")
+
+
+def _scheduler(spec: Spec):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    search = spec.search
+    if search["scheduler"] != "asha":
+        return FIFOScheduler()
+    metric = search["asha_metric"]
+    mode = next(o["mode"] for o in spec.objectives if o["metric"] == metric)
+    epochs = sum(_upper(spec.train[k]) for k in ("epochs", "finetune_epochs"))
+    # stop_last_trials=False: a trial that reaches the last epoch finishes and writes its record.
+    return ASHAScheduler(time_attr="epoch", metric=EPOCH_METRICS[metric], mode=mode, max_t=max(epochs, 1),
+                         grace_period=1, stop_last_trials=False)
+
+
+def _upper(value):
+    """The largest value a setting can take (a distribution's upper end)."""
+    if not is_distribution(value):
+        return value
+    ((kind, args),) = value.items()
+    return max(args)
