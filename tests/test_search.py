@@ -15,7 +15,7 @@ def shortened_digits_quick() -> dict:
     """The demo preset with its grid intact (every method, both formats) but tiny trials."""
     spec = load_spec("digits-quick").to_dict()
     spec["dataset_options"] = {"max_train": 300}
-    spec["train"] |= {"epochs": 2, "finetune_epochs": 0, "max_rank": 4}
+    spec["train"] |= {"epochs": 1, "finetune_epochs": 0, "max_rank": 4}
     spec["budgets"] = [0.02, 0.05]  # at max rank 4 these select different ranks
     return spec
 
