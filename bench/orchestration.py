@@ -91,7 +91,10 @@ def _markdown(rows: list[dict]) -> str:
             "|---|---:|---:|---:|---:|---:|---:|")
     body = [f"| {r['runner']} | {r['trials']} | {r['wall_s']} | {r['train_s']} | {r['overhead_per_trial_s']} | "
             f"{r['overhead_per_slot_s']} | {r['load_avg_1m']} |" for r in rows]
-    return "\n".join([head, *body])
+    note = ("Trivial trials (MLP, 300 digits images, 1 epoch) on a 2-CPU Ray, one CPU each. Overhead per trial = "
+            "(wall - Σ training) / trials; per CPU slot = (2 x wall - Σ training) / trials. Training = the `fit` "
+            "call; data loading and imports count as overhead. Bare Tune: function trainable, default settings.")
+    return "\n".join([head, *body, "", note])
 
 
 if __name__ == "__main__":

@@ -80,7 +80,18 @@ def train(model, method: RankMethod, data, epochs: int, lr: float, *, batch_size
           held_out=None, target_params: int | None = None, seed: int = 0) -> RankMethod:
     """Attach, search for `method.search_epochs(epochs)` epochs (task loss + penalty, Adam on the
     model and the method's own groups, `step` after every optimizer step, `end_epoch`), then
-    `measure` on held-out batches (default: the training data). Selection is left to the caller."""
+    `measure` on held-out batches (default: the training data). Selection is left to the caller.
+    Runs on one thread: on tensors this small, more threads only wait on each other (and on a
+    busy machine they can make a step ten times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(model, method, data, epochs, lr, batch_size, held_out, target_params, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(model, method, data, epochs, lr, batch_size, held_out, target_params, seed):
     torch.manual_seed(seed)
     method.attach(model)
     if target_params is not None:

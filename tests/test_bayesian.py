@@ -20,7 +20,6 @@ from rank_teacher import compress, make_student, make_teacher, teacher_data, tra
 # (format, in_shape = out_shape, teacher ranks): small layers whose edges can hold max rank 8
 CASES = {"ttm": ([3, 3, 3], [2, 3]), "tt": ([4, 4], [2, 3, 2]), "cp": ([6, 6], [3])}
 N = 1024
-import os; KL = float(os.environ.get("KL", 2 / N)); LR = float(os.environ.get("LR", 3e-3))
 
 
 def teacher_student(format, seed=0):
@@ -33,10 +32,11 @@ def teacher_student(format, seed=0):
 @functools.cache
 def fit(format, inference, seed=0):
     """A student trained against its teacher (cached: tests that change it work on a deep copy).
-    kl_weight 2/N is twice the per-example ELBO weight (the paper's MNIST value is about 3/N)."""
+    kl_weight 1/N makes the loss the per-example ELBO (the paper's MNIST value is about 3/N);
+    other settings are the defaults (1 warm-up epoch, 2 ramp epochs, threshold 1e-4)."""
     teacher, student = teacher_student(format, seed)
-    method = make_method("bayesian", inference=inference, kl_weight=KL)
-    train(student, method, teacher_data(teacher, N, seed=seed), epochs=30, lr=LR, batch_size=32, seed=seed)
+    method = make_method("bayesian", inference=inference, kl_weight=1 / N)
+    train(student, method, teacher_data(teacher, N, seed=seed), epochs=20, lr=3e-3, batch_size=32, seed=seed)
     return teacher, student, method
 
 
@@ -103,7 +103,7 @@ def test_kl_matches_torch_distributions():
                 lam = prior.lambda2(e).sqrt().view(shape)
                 q = Normal(layer.weight.factors[f], prior.log_sigma[str(f)].exp())
                 expected = expected + kl_divergence(q, Normal(torch.zeros_like(lam), lam)).sum()
-        assert float(method.divergence()) == pytest.approx(float(expected), rel=1e-5)
+        assert method.divergence().item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_map_penalty_is_negative_log_prior():
@@ -115,7 +115,7 @@ def test_map_penalty_is_negative_log_prior():
     a, b = layer.weight.factors  # (1,4,4,3) and (3,4,4,1)
     energy = a.pow(2).sum((0, 1, 2)) + b.pow(2).sum((1, 2, 3))
     expected = (energy / (2 * lam2) + 32 * lam2.sqrt().log()).sum()
-    assert float(method.divergence()) == pytest.approx(float(expected), rel=1e-6)
+    assert method.divergence().item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_svi_samples_in_training_only_and_kl_warms_up():
