@@ -77,6 +77,12 @@ class Trainer:
         self.on_epoch, self.progress = on_epoch, progress
         self.epoch = 0
         self.total_epochs = cfg["epochs"] + cfg["finetune_epochs"]
+        self.restart_schedule(self.total_epochs)
+
+    def restart_schedule(self, span: int) -> None:
+        """Cosine from the full lr over the next `span` epochs. fit restarts it after pruning:
+        a pruned model must re-train at full lr, not at the tail of the search's schedule."""
+        self.schedule_start, self.schedule_span = self.epoch, max(span, 1)
 
     def _optimizer(self, method, lr: float):
         groups = [{"params": [p for p in self.net.parameters() if p.requires_grad], "lr": lr}]
@@ -87,9 +93,9 @@ class Trainer:
         return torch.optim.Adam(groups, lr=lr, weight_decay=self.cfg["weight_decay"])
 
     def _lr(self, epoch: int) -> float:
-        if self.cfg["schedule"] == "none" or self.total_epochs <= 1:
+        if self.cfg["schedule"] == "none" or self.schedule_span <= 1:
             return self.cfg["lr"]
-        return self.cfg["lr"] * 0.5 * (1 + math.cos(math.pi * epoch / self.total_epochs))
+        return self.cfg["lr"] * 0.5 * (1 + math.cos(math.pi * (epoch - self.schedule_start) / self.schedule_span))
 
     def run(self, epochs: int, phase: str, method=None) -> None:
         if epochs <= 0:
@@ -208,6 +214,7 @@ def fit(*, model: str = "mlp", dataset: str = "digits", method: str = "fixed", f
     if method == "dense":
         trainer.run(total, "train")
     elif method == "posthoc":
+        trainer.restart_schedule(cfg["epochs"])
         trainer.run(cfg["epochs"], "dense")
         search_start = time.perf_counter()
         probe = build_model(model, **model_kwargs(format))
@@ -216,6 +223,7 @@ def fit(*, model: str = "mlp", dataset: str = "digits", method: str = "fixed", f
         rank = uniform_rank_for_budget(layers, budget_params)
         _tensorize(net, format, rank, cfg, init="decompose")
         search_time = time.perf_counter() - search_start
+        trainer.restart_schedule(cfg["finetune_epochs"])
         trainer.run(cfg["finetune_epochs"], "finetune")
     else:
         layers = _tensorize(net, format, cfg["max_rank"], cfg)
@@ -233,6 +241,7 @@ def fit(*, model: str = "mlp", dataset: str = "digits", method: str = "fixed", f
             rank_method.attach(net)
             search_start = time.perf_counter()
             search_epochs = min(rank_method.search_epochs(cfg["epochs"]), cfg["epochs"])
+            trainer.restart_schedule(search_epochs)
             trainer.run(search_epochs, "search", rank_method)
             net.eval()
             rank_method.measure(net, task.heldout_batches())
@@ -242,6 +251,7 @@ def fit(*, model: str = "mlp", dataset: str = "digits", method: str = "fixed", f
             for layer in layers.values():
                 layer.prune()
             search_time = time.perf_counter() - search_start
+            trainer.restart_schedule(total - search_epochs)
             trainer.run(cfg["epochs"] - search_epochs, "train")
             trainer.run(cfg["finetune_epochs"], "finetune")
 

@@ -15,7 +15,7 @@ TRAIN_DEFAULTS = {
     "momentum": 0.9,  # sgd only
     "weight_decay": 0.0,
     "schedule": "cosine",  # cosine | none
-    "finetune_epochs": 1,  # after pruning to the budget
+    "finetune_epochs": 2,  # after pruning to the budget, at a restarted lr schedule
     "max_rank": 16,
     "seed": 0,
 }
