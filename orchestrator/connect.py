@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import uuid
 import warnings
 from pathlib import Path
@@ -36,6 +37,7 @@ def connect(spec: Spec, address: str | None) -> bool:
         quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
+            _check_reachable(address)
             try:
                 ray.init(address=address, **quiet)
             except ConnectionError as exc:
@@ -52,6 +54,17 @@ def connect(spec: Spec, address: str | None) -> bool:
             ray.shutdown()
         raise
     return started
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast on HOST:PORT nobody listens on: ray.init would retry for minutes."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and friends: Ray resolves them itself
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as exc:
+        raise ValueError(f"--address: nothing answers at {address!r} ({exc})") from None
 
 
 def _local_gpus() -> int:

@@ -39,6 +39,7 @@ def trial_status(trial, ending: str | None = None) -> str | None:
 
 
 def budget_label(result: dict) -> str:
+    """A finished trial's budget as a metric tag: '0.1', 'p12000' (absolute) or 'dense'."""
     if result.get("method") == "dense":
         return "dense"
     if result.get("budget") is not None:
@@ -50,8 +51,8 @@ class SearchProgress(tune.Callback):
     """Tune pickles its callbacks with the experiment (for resume): hence no stream or
     metric objects kept across pickling, only plain settings."""
 
-    def __init__(self, search: str, total: int, objectives: list[dict]):
-        self.search, self.total = search, total
+    def __init__(self, search: str, methods: tuple[str, ...], objectives: list[dict]):
+        self.search, self.methods, self.total = search, methods, len(methods)  # methods: one per plan slot
         self.metric, self.mode = objectives[0]["metric"], objectives[0]["mode"]
         self.hv = self.metric in BOUNDED and self.mode == "max" and {"metric": "params", "mode": "min"} in objectives
         self.gauges = None
@@ -76,22 +77,22 @@ class SearchProgress(tune.Callback):
         self._finished(trials, trial, "error")
 
     def _finished(self, trials, trial, ending: str) -> None:
-        statuses = [(t, trial_status(t, ending if t is trial else None)) for t in trials]
-        finished = [(t.last_result or {}, status) for t, status in statuses if status]
-        counts = Counter(status for _, status in finished)
-        best = self._best(r for r, status in finished if status == "ok")
+        """`finished`: (method, last result, status) of every trial that has ended, this one included."""
+        finished = [(self.methods[t.config["slot"]], t.last_result or {}, status) for t in trials
+                    if (status := trial_status(t, ending if t is trial else None))]
+        counts = Counter(status for _, _, status in finished)
         running = sum(t.status == "RUNNING" and t is not trial for t in trials)
-        self._print(trial, trial_status(trial, ending), len(finished), running, counts, best)
+        self._print(trial, trial_status(trial, ending), len(finished), running, counts, self._best(finished))
         if self.gauges is not None:
             self._export(finished)
 
-    def _best(self, results) -> dict:
-        """Best value of the first objective per method."""
+    def _best(self, finished: list) -> dict:
+        """Best value of the first objective per method, over finished trials."""
         pick = max if self.mode == "max" else min
         best = {}
-        for r in results:
-            if r.get(self.metric) is not None:
-                best[r["method"]] = pick(best.get(r["method"], r[self.metric]), r[self.metric])
+        for method, r, status in finished:
+            if status == "ok" and r.get(self.metric) is not None:
+                best[method] = pick(best.get(method, r[self.metric]), r[self.metric])
         return best
 
     def _print(self, trial, status: str, done: int, running: int, counts: Counter, best: dict) -> None:
@@ -109,21 +110,21 @@ class SearchProgress(tune.Callback):
               f"{'  | best ' + self.metric + ': ' + board if board else ''}", file=sys.stdout, flush=True)
 
     def _export(self, finished: list) -> None:
-        counts = Counter((r.get("method", "?"), status) for r, status in finished)
+        counts = Counter((method, status) for method, _, status in finished)
         for (method, status), n in counts.items():
             self.gauges["trials"].set(n, tags={"search": self.search, "method": method, "status": status})
-        ok = [r for r, status in finished if status == "ok" and r.get(self.metric) is not None]
+        ok = [(method, r) for method, r, status in finished if status == "ok" and r.get(self.metric) is not None]
         per_budget = defaultdict(list)
-        for r in ok:
+        for _, r in ok:
             per_budget[budget_label(r)].append(r[self.metric])
         for budget, values in per_budget.items():
             value = max(values) if self.mode == "max" else min(values)
             self.gauges["best"].set(value, tags={"search": self.search, "budget": budget})
         if self.hv:
             per_method = defaultdict(list)
-            for r in ok:
+            for method, r in ok:
                 if r.get("params") and r.get("dense_params"):
-                    per_method[r["method"]].append((r[self.metric], r["params"] / r["dense_params"]))
+                    per_method[method].append((r[self.metric], r["params"] / r["dense_params"]))
             for method, points in per_method.items():
                 value = hypervolume(points, [0.0, 1.0], ["max", "min"])
                 self.gauges["hv"].set(value, tags={"search": self.search, "method": method})

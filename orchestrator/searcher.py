@@ -9,6 +9,9 @@ own hyperparameters, and the best L0 lambda at budget 0.05 says little about 0.2
 So this Searcher walks the plan's slots in order and asks the study of each slot's cell
 for that cell's sampled values: one Tuner, one experiment, one ASHA, one resume; every
 cell covered; each study models exactly its own problem on the spec's objectives.
+(After a resume, a slot handed out again whose record exists reports that record:
+its study is then told the old result for the new draw, a small blur accepted for
+never training a finished trial twice.)
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import pickle
 
 import optuna
-
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 

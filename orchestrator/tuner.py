@@ -42,7 +42,8 @@ def make_tuner(plan: Plan, spec: Spec, storage: str, name: str, resume: bool):
     run_config = tune.RunConfig(
         name=name, storage_path=storage, verbose=0,
         failure_config=tune.FailureConfig(max_failures=spec.search["max_failures"]),
-        callbacks=[SearchProgress(name, len(plan.slots), spec.objectives), JsonLoggerCallback()],
+        callbacks=[SearchProgress(name, tuple(slot.cell["method"] for slot in plan.slots), spec.objectives),
+                   JsonLoggerCallback()],
     )
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 

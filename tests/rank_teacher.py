@@ -52,6 +52,18 @@ def make_student(teacher: FactorizedLinear, max_rank, seed: int = 1) -> Factoriz
     return FactorizedLinear(**config)
 
 
+# Small cases whose every edge can hold rank 8: format -> (in_shape = out_shape, teacher ranks)
+CASES = {"ttm": ([3, 3, 3], [2, 3]), "tt": ([4, 4], [2, 3, 2]), "cp": ([6, 6], [3])}
+
+
+def teacher_student(format: str, seed: int = 0, max_rank: int = 8):
+    """The teacher of CASES[format] and a fresh student at `max_rank`."""
+    shape, ranks = CASES[format]
+    size = math.prod(shape)
+    teacher = make_teacher(format, ranks, size, size, seed=seed, in_shape=shape, out_shape=shape)
+    return teacher, make_student(teacher, max_rank, seed=seed + 1)
+
+
 @torch.no_grad()
 def teacher_data(teacher, n: int, seed: int = 0, *, noise: float = 0.01, classify: bool = False):
     """(x, y) with x ~ N(0, I): y = teacher(x) + noise (regression), or argmax teacher(x) as
@@ -109,6 +121,14 @@ def _train(model, method, data, epochs, lr, batch_size, held_out, target_params,
     model.eval()
     method.measure(model, batches(held_out if held_out is not None else data, 256))
     return method
+
+
+@torch.no_grad()
+def fresh_masks(method: RankMethod) -> None:
+    """Every slice kept again, so `select` can be tried at another budget."""
+    for layer in method.layers.values():
+        for mask in layer.rank_masks:
+            mask.fill_(1)
 
 
 def compress(model, method: RankMethod, budget_params: int) -> dict[str, list[int]]:

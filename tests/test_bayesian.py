@@ -15,18 +15,9 @@ from models.rank_selection import BudgetError, make_method
 from models.rank_selection.base import minimum_params, resolve_budget, tensorized_params
 from models.rank_selection.bayesian import lambda2_update
 from models.tensorized import FactorizedLinear
-from rank_teacher import compress, make_student, make_teacher, teacher_data, train
+from rank_teacher import CASES, compress, fresh_masks, teacher_data, teacher_student, train
 
-# (format, in_shape = out_shape, teacher ranks): small layers whose edges can hold max rank 8
-CASES = {"ttm": ([3, 3, 3], [2, 3]), "tt": ([4, 4], [2, 3, 2]), "cp": ([6, 6], [3])}
 N = 1024
-
-
-def teacher_student(format, seed=0):
-    shape, ranks = CASES[format]
-    size = math.prod(shape)
-    teacher = make_teacher(format, ranks, size, size, seed=seed, in_shape=shape, out_shape=shape)
-    return teacher, make_student(teacher, 8, seed=seed + 1)
 
 
 @functools.cache
@@ -38,12 +29,6 @@ def fit(format, inference, seed=0):
     method = make_method("bayesian", inference=inference, kl_weight=1 / N)
     train(student, method, teacher_data(teacher, N, seed=seed), epochs=20, lr=3e-3, batch_size=32, seed=seed)
     return teacher, student, method
-
-
-def fresh_masks(method):
-    for layer in method.layers.values():
-        for mask in layer.rank_masks:
-            mask.fill_(1)
 
 
 # -- closed forms ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -76,6 +77,16 @@ def test_gpu_request_on_a_cpu_machine_exits_2_before_ray_starts(tmp_path, tiny_s
     err = capsys.readouterr().err
     assert "resources.gpu: a trial needs 1 GPU" in err and "offers 0" in err
     assert not (tmp_path / "runs").exists() and ray_is_up() == ray_before
+
+
+def test_run_with_an_address_nobody_answers_exits_2_at_once(tmp_path):
+    """In a fresh process, as users run it (this one may already hold the session's Ray)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "run", "tests/specs/tiny.yaml", "--address", "127.0.0.1:1",
+         "--storage", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "ranksearch run: error: --address: nothing answers at '127.0.0.1:1'" in done.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_resume_and_report_need_an_experiment(tmp_path, capsys):

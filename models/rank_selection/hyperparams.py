@@ -33,10 +33,10 @@ METHOD_DEFAULTS = {
         "init_log_sigma": -8.0,  # svi: posterior std starts tiny (exp(-8)), near the MAP point
     },
     "l0": {
-        "lam": 0.1,  # weight of the expected parameter fraction (the relaxed L0 count, cost-weighted)
-        "sigma": 0.5,  # gate noise std in training
+        "lam": 1.0,  # times E[params]/params at max rank (paper: 0.1-1 on a per-edge count summed over edges)
+        "sigma": 0.5,  # gate noise std in training (paper, LeNet-5)
         "shift": 1.2,  # gate = clip(mu + shift + sigma*eps, 0, 1); mu starts at 0, so gates start open
-        "gate_lr": 1e-2,  # Adam lr of the gate means
+        "gate_lr": 1e-3,  # lr of the gate means (theirs: the same Adam lr as the weights)
         "freeze_at_target": True,  # stop training gates once eval gates meet the budget
     },
     "lwiq": {

@@ -47,6 +47,7 @@ class L0Rank(RankMethod):
             raise ValueError(f"sigma: the gate noise must be > 0, got {self.hp['sigma']!r}")
         self.target_params: int | None = None
         self.frozen = False
+        self._final_state: dict | None = None
 
     def _attach(self) -> None:
         self.mu = nn.ModuleList(
@@ -124,11 +125,12 @@ class L0Rank(RankMethod):
         return [{"params": params, "lr": self.hp["gate_lr"]}] if params else []
 
     # -- selection -----------------------------------------------------------------------
+    @torch.no_grad()
     def importance(self) -> dict[str, list[torch.Tensor]]:
-        """P(gate open): a probability, on the same scale in every layer."""
-        with torch.no_grad():
-            return {name: [self.open_prob(i, e) for e in range(layer.weight.num_edges)]
-                    for i, (name, layer) in enumerate(self.layers.items())}
+        """(μ + shift)/σ, the probit of P(gate open): the same order and the same scale in every
+        layer, without the ties P itself has once open gates saturate near 1."""
+        return {name: [(mu + self.hp["shift"]) / self.hp["sigma"] for mu in self.mu[i]]
+                for i, name in enumerate(self.layers)}
 
     @torch.no_grad()
     def natural_masks(self) -> dict[str, list[torch.Tensor]]:
@@ -136,17 +138,22 @@ class L0Rank(RankMethod):
                 for i, (name, layer) in enumerate(self.layers.items())}
 
     def detach(self) -> None:
-        """Fold the evaluation gates into the factors, whatever mode the model is in."""
+        """Fold the evaluation gates into the factors, whatever mode the model is in. The state is
+        kept as it is now: once the layers are pruned, their slices no longer line up with the gates."""
+        self._final_state = self.state()
         for i, weight in enumerate(self._weights()):
             weight.slice_gates = partial(self._gate, i, noisy=False)
         super().detach()
 
     @torch.no_grad()
     def state(self) -> dict:
+        if self._final_state is not None:
+            return self._final_state
         return {
             "frozen": self.frozen,
             "expected_fraction": float(self.expected_fraction()),
             "eval_params": self.eval_params(),
-            "open_prob": {name: [p.tolist() for p in probs] for name, probs in self.importance().items()},
+            "open_prob": {name: [self.open_prob(i, e).tolist() for e in range(self.layers[name].weight.num_edges)]
+                          for i, name in enumerate(self.layers)},
             "ranks_at_eval_gates": {name: self._eval_ranks(i) for i, name in enumerate(self.layers)},
         }
