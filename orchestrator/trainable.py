@@ -9,6 +9,8 @@
   a lost node) reach Tune, which retries them `search.max_failures` times.
 - Per worker process, the data set is loaded once: with actor reuse, one process runs
   many trials.
+- With resources.workers > 1 the trial is a driver: `models.distributed.fit_distributed`
+  runs `fit` sharded over that many Ray Train workers, each with the spec's cpu/gpu.
 - Each epoch's row is kept in the record (`history`) and reported to Tune only when the
   scheduler reads it (ASHA): every report is a round trip through the Tune driver. The
   end result is the record itself, so no checkpoint is written per epoch: `fit` exposes
@@ -53,8 +55,6 @@ def summary(record: dict) -> dict:
 
 
 def _train(slot: Slot, config: dict, plan: Plan) -> dict:
-    from models.train import fit
-
     train, method_params = plan.hyperparameters(slot, config)
     base = plan.base_record(slot, config)
     base |= {"tune_trial_id": tune.get_context().get_trial_id(), "node_id": ray.get_runtime_context().get_node_id(),
@@ -69,17 +69,34 @@ def _train(slot: Slot, config: dict, plan: Plan) -> dict:
         if plan.report_epochs:
             tune.report(row)
 
+    fit_kwargs = {"model": base["model"], "dataset": base["dataset"], "method": base["method"],
+                  "format": base["format"], "budget": fit_budget(slot.cell["budget"]), "train": train,
+                  "method_params": method_params}
     start = time.perf_counter()
     try:
-        data = _dataset(base["dataset"], slot.seed, json.dumps(plan.spec["dataset_options"], sort_keys=True))
-        result = fit(model=base["model"], dataset=base["dataset"], data=data, method=base["method"],
-                     format=base["format"], budget=fit_budget(slot.cell["budget"]), train=train,
-                     method_params=method_params, on_epoch=on_epoch)
+        result = _fit(plan, slot, fit_kwargs, on_epoch)
     except Exception as exc:  # the trial's own failure: recorded, not retried (see module doc)
         return base | {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "history": history,
                        "epochs_done": len(history), "wall_time_s": time.perf_counter() - start}
     identity = {k: base[k] for k in ("trial_id", "sample", "budget", "tune_trial_id", "node_id", "node_ip")}
-    return result | identity | {"status": "ok", "error": None, "history": history}
+    return {"history": history} | result | identity | {"status": "ok", "error": None}
+
+
+def _fit(plan: Plan, slot: Slot, fit_kwargs: dict, on_epoch) -> dict:
+    """`fit` here on the cached data, or sharded over Ray Train workers (its record has the history)."""
+    resources, options = plan.spec["resources"], plan.spec["dataset_options"]
+    if resources["workers"] == 1:
+        from models.train import fit
+
+        data = _dataset(fit_kwargs["dataset"], slot.seed, json.dumps(options, sort_keys=True))
+        return fit(**fit_kwargs, data=data, on_epoch=on_epoch)
+    from models.distributed import fit_distributed
+
+    return fit_distributed(
+        num_workers=resources["workers"], use_gpu=resources["gpu"] > 0, cpus_per_worker=resources["cpu"],
+        gpus_per_worker=resources["gpu"] or None, storage_path=f"{plan.experiment_path}/train", name=slot.key,
+        tune_report=plan.report_epochs, dataset_options=options, **fit_kwargs,
+    )
 
 
 @functools.lru_cache(maxsize=2)

@@ -9,6 +9,8 @@ from search_spaces import Spec, is_distribution
 
 from .plan import EPOCH_METRICS, Plan
 
+DRIVER_CPU = 0.01  # a multi-worker trial's own share: it only waits on its Ray Train workers
+
 
 def make_tuner(plan: Plan, spec: Spec, storage: str, name: str, resume: bool):
     """A new Tuner over the plan's slots, or with resume=True the saved one when Tune left state."""
@@ -53,20 +55,20 @@ def _search_alg(plan: Plan, spec: Spec):
     Sampling is seeded with the first training seed: the same spec draws the same values."""
     from ray import tune
 
-    search, seed = spec.search, spec.search["seeds"][0]
-    if search["searcher"] == "grid":
+    seed, limit = spec.search["seeds"][0], _max_concurrent(spec)
+    if spec.search["searcher"] == "grid":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         param_space = {"slot": tune.grid_search(list(range(len(plan.slots)))), **plan.full_space()}
-        return BasicVariantGenerator(random_state=seed, max_concurrent=search["max_concurrent"] or 0), param_space, 1
+        return BasicVariantGenerator(random_state=seed, max_concurrent=limit), param_space, 1
     from ray.tune.search import ConcurrencyLimiter
 
     from .searcher import CellSearch
 
     metrics, modes = [o["metric"] for o in spec.objectives], [o["mode"] for o in spec.objectives]
     searcher = CellSearch(plan, metrics, modes, seed)
-    if search["max_concurrent"]:
-        searcher = ConcurrencyLimiter(searcher, max_concurrent=search["max_concurrent"])
+    if limit:
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=limit)
     return searcher, {}, len(plan.slots)
 
 
@@ -79,12 +81,26 @@ def _trial_dirname(keys, trial) -> str:
 
 
 def _resources(resources: dict):
-    from ray import tune
+    """One trial's request: the spec's cpu/gpu, or with workers > 1 a token CPU for the trial, which
+    only drives Ray Train; its workers ask for their own cpu/gpu (see _max_concurrent)."""
+    if resources["workers"] > 1:
+        return {"cpu": DRIVER_CPU}
+    return {k: v for k, v in (("cpu", resources["cpu"]), ("gpu", resources["gpu"])) if v}
 
-    bundle = {k: v for k, v in (("CPU", resources["cpu"]), ("GPU", resources["gpu"])) if v}
-    if resources["workers"] == 1:
-        return {key.lower(): v for key, v in bundle.items()}
-    return tune.PlacementGroupFactory([bundle] * resources["workers"], strategy="PACK")
+
+def _max_concurrent(spec: Spec) -> int:
+    """Trials at once: the spec's cap; for multi-worker trials, at most as many as the cluster can
+    give workers (Tune sees only their token CPU and would start them all, each then waiting)."""
+    cap = spec.search["max_concurrent"] or 0
+    res = spec.resources
+    if res["workers"] == 1:
+        return cap
+    from .connect import cluster_capacity
+
+    capacity = cluster_capacity()
+    fits = min(int(capacity.get(key, 0) // (res[field] * res["workers"]))
+               for field, key in (("cpu", "CPU"), ("gpu", "GPU")) if res[field])
+    return max(1, min(cap or fits, fits))
 
 
 def _scheduler(spec: Spec):

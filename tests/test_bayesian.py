@@ -24,10 +24,11 @@ N = 1024
 def fit(format, inference, seed=0):
     """A student trained against its teacher (cached: tests that change it work on a deep copy).
     kl_weight 1/N makes the loss the per-example ELBO (the paper's MNIST value is about 3/N);
-    other settings are the defaults (1 warm-up epoch, 2 ramp epochs, threshold 1e-4)."""
+    other settings are the defaults (1 warm-up epoch, 2 ramp epochs, threshold 1e-4). Checked on
+    seeds 0-6 of every case and both inferences."""
     teacher, student = teacher_student(format, seed)
     method = make_method("bayesian", inference=inference, kl_weight=1 / N)
-    train(student, method, teacher_data(teacher, N, seed=seed), epochs=20, lr=3e-3, batch_size=32, seed=seed)
+    train(student, method, teacher_data(teacher, N, seed=seed), epochs=30, lr=3e-3, batch_size=32, seed=seed)
     return teacher, student, method
 
 
