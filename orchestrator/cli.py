@@ -17,12 +17,13 @@ def _budget(text: str):
         raise argparse.ArgumentTypeError(f"expected a fraction like 0.1 or a parameter count like 12000, got {text!r}")
 
 
-def _key_values(pairs: list[str]) -> dict:
+def _key_values(pairs: list[str] | None, flag: str) -> dict:
+    """NAME=VALUE pairs; values are read as JSON when they parse (numbers, true, lists), else strings."""
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"--param: expected NAME=VALUE, got {pair!r}")
+        if not sep or not key:
+            raise ValueError(f"{flag}: expected NAME=VALUE, got {pair!r}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -50,6 +51,10 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--max-train", type=int, help="use at most this many training samples")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="method hyperparameter (repeatable)")
+    p.add_argument("--dataset-option", action="append", metavar="NAME=VALUE",
+                   help="dataset loader option, e.g. num_samples=20000 for synthetic-criteo (repeatable)")
+    p.add_argument("--model-option", action="append", metavar="NAME=VALUE",
+                   help="model builder option, e.g. embedding_dim=64 or tensorize_mlp=true for dlrm (repeatable)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", metavar="OUT", help="write the result record here")
     p.add_argument("--save", metavar="PATH", help="save the compressed model (torch.load weights_only=True)")
@@ -64,10 +69,13 @@ def cmd_train(args) -> int:
         "epochs": args.epochs, "finetune_epochs": args.finetune_epochs, "batch_size": args.batch_size,
         "lr": args.lr, "max_rank": args.max_rank, "optimizer": args.optimizer, "seed": args.seed,
     }.items() if v is not None}
-    options = {"max_train": args.max_train} if args.max_train else {}
+    options = _key_values(args.dataset_option, "--dataset-option")
+    if args.max_train:
+        options["max_train"] = args.max_train
     record = fit(model=args.model, dataset=args.dataset, method=args.method, format=args.format,
-                 budget=args.budget, train=train, method_params=_key_values(args.param), device=args.device,
-                 dataset_options=options, progress=not args.quiet, save=args.save)
+                 budget=args.budget, train=train, method_params=_key_values(args.param, "--param"),
+                 device=args.device, dataset_options=options, model_options=_key_values(args.model_option, "--model-option"),
+                 progress=not args.quiet, save=args.save)
     _print_record(record)
     if args.json:
         with open(args.json, "w") as f:

@@ -280,10 +280,14 @@ SMALL_DLRM = dict(
 
 
 @pytest.mark.slow
-def test_fit_distributed_in_a_tune_trial(ray_session, tmp_path):
+def test_fit_distributed_in_a_tune_trial(ray_session, tmp_path, monkeypatch):
     """What the orchestrator does for resources.workers > 1: a Tune trial (the Train driver, a
     fraction of a CPU) runs fit_distributed on 2 TorchTrainer workers; epoch rows reach Tune."""
     from ray import tune
+
+    # run_search (earlier tests, same process) turns Tune's file loggers off; this test reads
+    # the per-epoch rows back through them
+    monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", raising=False)
 
     storage = str(tmp_path)
 
