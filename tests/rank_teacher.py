@@ -1,8 +1,8 @@
 """Teacher-student data with known ranks, and a training loop that follows base.py's lifecycle.
 
-A teacher is a FactorizedLinear built directly at the ranks to recover (every
-slice kept, so its full weight has exactly those ranks for generic factors); a
-student is the same layer at a larger max rank. Shared by the rank-selection tests.
+A teacher is a FactorizedLinear built directly at the ranks to recover, with
+balanced slices (every edge has a flat spectrum); a student is the same layer at
+a larger max rank. Shared by the rank-selection tests.
 """
 
 from __future__ import annotations

@@ -20,6 +20,12 @@ Choices (the paper leaves them open):
   to the *mean* task loss, so kl_weight = 1/N_train is the exact per-example ELBO (their MNIST
   5e-5 is about 3/N).
 - λ is a constant of the loss between updates (no gradient flows into it).
+- Known pitfall (the authors' issue #1: TT "diverges" at their defaults): with the KL on from
+  the first step and a large learning rate, the penalty shrinks the still-random slices faster
+  than the data can claim them and every rank collapses to nothing (we saw it for TT and TTM at
+  Adam lr 1e-2). The default warm-up (1 epoch without KL, a 2-epoch ramp) avoids it; so does
+  lr <= 3e-3. λ² is floored at 1e-12 so 1/λ² stays finite; with plain SGD the prior's gradient
+  μ/λ² grows as slices die, so clip gradients or prefer Adam.
 - An interior TT core entry lies in two slices (one per neighbouring edge): its prior is the
   product of both slices' Gaussians. So the KL is −H(q), once per entry, plus the expected
   −log prior, once per slice: for an entry in one slice this is the usual Gaussian KL, and for
@@ -178,8 +184,10 @@ class BayesianRank(RankMethod):
                 for prior, (name, layer) in zip(self.priors, self.layers.items())}
 
     def importance(self) -> dict[str, list[torch.Tensor]]:
-        """λ² per slice: the prior variance, on the same scale in every layer."""
-        return self._lambdas()
+        """λ² relative to the largest on its edge. Raw λ² carries each layer's (and, through the
+        rescaling freedom between TT cores, each edge's) entry scale; the ratio is the same
+        measure everywhere, as a singular value relative to the largest one."""
+        return {name: [lam2 / lam2.max() for lam2 in lams] for name, lams in self._lambdas().items()}
 
     def natural_masks(self) -> dict[str, list[torch.Tensor]]:
         return {name: [lam2 > self.hp["threshold"] for lam2 in lams] for name, lams in self._lambdas().items()}
