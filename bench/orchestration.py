@@ -65,7 +65,6 @@ def run(quick: bool = False) -> dict:
     import ray
 
     trials = 12 if quick else 40
-    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=CPUS, include_dashboard=False, logging_level="WARNING", log_to_driver=False)

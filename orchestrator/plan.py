@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from search_spaces import Spec, SpecError, is_distribution
 
 TRIAL_LOG_ENV = "RANKSEARCH_TRIAL_LOG"
+DRIVER_CPU = 0.01  # a multi-worker trial's own CPU (Tune needs some): it only waits on its workers
 # Objective -> the per-epoch value `fit` reports for it (ASHA needs one every epoch).
 EPOCH_METRICS = {"accuracy": "val_accuracy", "auc": "val_auc", "logloss": "val_logloss", "params": "params"}
 
@@ -44,6 +45,13 @@ class Plan:
     def report_epochs(self) -> bool:
         """Whether Tune needs each epoch's row: only ASHA reads them (each report is a round trip)."""
         return self.spec["search"]["scheduler"] == "asha"
+
+    @property
+    def worker_cpus(self) -> float:
+        """CPUs per Ray Train worker of a multi-worker trial: the spec's cpu less a share of the
+        driver's, so driver + workers ask for exactly workers x cpu, what the resource check allowed."""
+        resources = self.spec["resources"]
+        return max(0.0, resources["cpu"] - DRIVER_CPU / resources["workers"])
 
     @property
     def train_fixed(self) -> dict:

@@ -25,7 +25,7 @@ from .connect import check_shared_storage, connect
 from .plan import Plan, build_plan
 from .records import ExperimentFiles, error_line, is_uri
 from .report import load_reports, write_reports
-from .tuner import make_tuner
+from .tuner import make_tuner, tune_environment
 
 DEFAULT_STORAGE = "runs"
 
@@ -66,21 +66,14 @@ def run_search(spec, *, storage_path=None, name=None, address=None, resume=False
     if address and address.startswith("ray://") and not is_uri(storage):
         raise ValueError(f"--storage: with a ray:// address, trials run on the cluster and the driver "
                          f"here: use storage both reach (s3://, gs://), or `ranksearch submit`; got {storage!r}")
-    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"  # relative data paths stay relative to where the search started
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0: our progress lines only
-    # Trials report per-epoch rows (ASHA's metric) and one final record (the searcher's objectives):
-    # no single result carries every metric, which Tune's strict check would demand.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    # Per-trial logs: result.json only (JsonLoggerCallback below); CSV and TensorBoard copies cost
-    # a file writer per trial and add nothing the records and result.json do not hold.
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     started = connect(spec, address)
     import ray
 
     try:
         check_shared_storage(storage)
         files.write_spec(spec.to_dict())
-        grid = make_tuner(plan, spec, storage, name, resume).fit()
+        with tune_environment():
+            grid = make_tuner(plan, spec, storage, name, resume).fit()
         records = collect_records(plan, grid, files)
     finally:
         if started:

@@ -93,7 +93,7 @@ def _fit(plan: Plan, slot: Slot, fit_kwargs: dict, on_epoch) -> dict:
     from models.distributed import fit_distributed
 
     return fit_distributed(
-        num_workers=resources["workers"], use_gpu=resources["gpu"] > 0, cpus_per_worker=resources["cpu"],
+        num_workers=resources["workers"], use_gpu=resources["gpu"] > 0, cpus_per_worker=plan.worker_cpus,
         gpus_per_worker=resources["gpu"] or None, storage_path=f"{plan.experiment_path}/train", name=slot.key,
         tune_report=plan.report_epochs, dataset_options=options, **fit_kwargs,
     )

@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from functools import partial
 
 from search_spaces import Spec, is_distribution
 
-from .plan import EPOCH_METRICS, Plan
+from .plan import DRIVER_CPU, EPOCH_METRICS, Plan
 
-DRIVER_CPU = 0.01  # a multi-worker trial's own share: it only waits on its Ray Train workers
+TUNE_ENV = {
+    "RAY_CHDIR_TO_TRIAL_DIR": "0",  # relative data paths stay relative to where the search started
+    "RAY_AIR_NEW_OUTPUT": "0",  # the legacy reporter honours verbose=0: our progress lines only
+    # Trials report per-epoch rows (ASHA's metric) and one final summary (the searcher's
+    # objectives): no single result carries every metric, as Tune's strict check demands.
+    "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
+    # Per-trial logs: result.json only (JsonLoggerCallback below); CSV and TensorBoard copies
+    # cost a file writer per trial and hold nothing the records and result.json do not.
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+}
+
+
+@contextlib.contextmanager
+def tune_environment():
+    """TUNE_ENV while a search's Tuner is built and runs, restored after: it is process-wide
+    state, and other Tuners in the same process (tests, notebooks) keep Tune's defaults."""
+    saved = {key: os.environ.get(key) for key in TUNE_ENV}
+    os.environ.update(TUNE_ENV)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def make_tuner(plan: Plan, spec: Spec, storage: str, name: str, resume: bool):
@@ -82,7 +109,7 @@ def _trial_dirname(keys, trial) -> str:
 
 def _resources(resources: dict):
     """One trial's request: the spec's cpu/gpu, or with workers > 1 a token CPU for the trial, which
-    only drives Ray Train; its workers ask for their own cpu/gpu (see _max_concurrent)."""
+    only drives Ray Train; its workers ask for their own (Plan.worker_cpus, see _max_concurrent)."""
     if resources["workers"] > 1:
         return {"cpu": DRIVER_CPU}
     return {k: v for k, v in (("cpu", resources["cpu"]), ("gpu", resources["gpu"])) if v}

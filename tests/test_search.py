@@ -97,3 +97,14 @@ def test_asha_stops_trials_early(ray_session, tmp_path, tiny_spec):
     assert set(trials.status) == {"ok", "stopped"}
     stopped = trials[trials.status == "stopped"]
     assert stopped.accuracy.isna().all() and (stopped.epochs_done < 3).all()
+
+
+def test_multi_worker_trials_shard_over_ray_train_workers(ray_session, tmp_path):
+    """resources.workers: 2 -> each trial drives fit_distributed on two workers (TorchRec on gloo),
+    and still fits the 2-CPU Ray: the trial's own token CPU comes out of its workers' share."""
+    spec = load_spec("synthetic-dlrm").to_dict()
+    spec |= {"methods": {"fixed": {}}, "dataset_options": {"max_train": 2048}, "resources": {"cpu": 1, "workers": 2}}
+    (record,) = run_search(spec, storage_path=tmp_path, name="workers").records
+    assert record["status"] == "ok", record.get("error")
+    assert record["distributed"]["world_size"] == 2 and record["distributed"]["backend"] == "gloo"
+    assert 0 < record["auc"] <= 1 and len(record["history"]) == spec["train"]["epochs"]
