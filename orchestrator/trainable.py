@@ -71,7 +71,7 @@ def _train(slot: Slot, config: dict, plan: Plan) -> dict:
 
     fit_kwargs = {"model": base["model"], "dataset": base["dataset"], "method": base["method"],
                   "format": base["format"], "budget": fit_budget(slot.cell["budget"]), "train": train,
-                  "method_params": method_params}
+                  "method_params": method_params, "model_options": plan.spec.get("model_options") or {}}
     start = time.perf_counter()
     try:
         result = _fit(plan, slot, fit_kwargs, on_epoch)

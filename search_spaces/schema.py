@@ -50,7 +50,7 @@ SEARCHERS = ("grid", "optuna")
 SCHEDULERS = ("fifo", "asha")
 
 SECTIONS = (
-    "name", "description", "models", "dataset", "dataset_options", "formats", "methods",
+    "name", "description", "models", "dataset", "dataset_options", "model_options", "formats", "methods",
     "budgets", "train", "search", "resources", "objectives", "storage",
 )  # fmt: skip
 SEARCH_FIELDS = {  # field -> (default, type; None allowed where the default is None)
@@ -96,6 +96,7 @@ def validate(raw: Any, *, default_name: str = "search", source: str | None = Non
         "models": models,
         "dataset": _dataset(raw.get("dataset"), errors),
         "dataset_options": _dataset_options(raw.get("dataset_options"), errors),
+        "model_options": _model_options(raw.get("model_options"), errors),
         "formats": _names(raw.get("formats"), "formats", FORMATS, errors, required=_compresses(methods)),
         "methods": methods,
         "budgets": _budgets(raw.get("budgets"), errors, required=_compresses(methods)),
@@ -189,6 +190,16 @@ def _dataset_options(value: Any, errors: Errors) -> dict:
     options = _mapping(value, "dataset_options", errors)
     if "seed" in options:
         errors.add("dataset_options.seed", "set seeds with search.seeds (the data seed follows the trial's)")
+    return options
+
+
+def _model_options(value: Any, errors: Errors) -> dict:
+    """Free keyword arguments of the model builder (dlrm: embedding_dim, min_rows, tensorize_mlp, ...);
+    format and max_rank come from the grid and train.max_rank."""
+    options = _mapping(value, "model_options", errors)
+    for key in ("format", "max_rank"):
+        if key in options:
+            errors.add(f"model_options.{key}", "set by the grid (formats) and train.max_rank")
     return options
 
 

@@ -23,6 +23,7 @@ class Spec:
     models: list
     dataset: str
     dataset_options: dict
+    model_options: dict
     formats: list
     methods: dict
     budgets: list
