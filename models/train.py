@@ -125,9 +125,12 @@ class Trainer:
             self.epoch += 1
             self._report(phase, float(np.mean(losses)) if losses else float("nan"), time.perf_counter() - start)
 
+    def _params(self) -> int:
+        return model_params(self.net)
+
     def _report(self, phase: str, loss: float, seconds: float) -> None:
         metrics = {f"val_{k}": v for k, v in self.task.validate(self.net).items()}
-        row = {"epoch": self.epoch, "phase": phase, "loss": loss, **metrics, "params": model_params(self.net),
+        row = {"epoch": self.epoch, "phase": phase, "loss": loss, **metrics, "params": self._params(),
                "epoch_time_s": seconds}
         if self.progress:
             shown = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
@@ -176,10 +179,11 @@ def _tensorize(net, fmt, max_rank, cfg, init="random") -> dict:
 def fit(*, model: str = "mlp", dataset: str = "digits", method: str = "fixed", format: str | None = "tt",
         budget=0.1, train: dict | None = None, method_params: dict | None = None, data=None,
         dataset_options: dict | None = None, model_options: dict | None = None, device: str = "auto",
-        on_epoch=None, progress: bool = False, save: str | None = None) -> dict:
+        on_epoch=None, progress: bool = False, save: str | None = None, trainer_cls=Trainer) -> dict:
     """Train one model with one method at one budget; returns the run record.
 
     `model_options` go to the model's builder (e.g. dlrm: embedding_dim, min_rows, dense_arch, ...).
+    `trainer_cls` runs the epochs (models.distributed swaps in a sharded trainer).
     """
     wall_start = time.perf_counter()
     cfg = _check_train_config(train)
@@ -207,7 +211,7 @@ def fit(*, model: str = "mlp", dataset: str = "digits", method: str = "fixed", f
         return kwargs
 
     net = build_model(model, **model_kwargs(None if method in ("dense", "posthoc") else format)).to(dev)
-    trainer = Trainer(net, task, cfg, on_epoch, progress)
+    trainer = trainer_cls(net, task, cfg, on_epoch, progress)
     search_time, method_state, budget_params = 0.0, {}, None
     total = cfg["epochs"] + cfg["finetune_epochs"]
 

@@ -40,11 +40,10 @@ Outside Tune, `on_epoch` is called with the rows after training ends.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import gc
 import math
 import os
-import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -52,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.train import Trainer
+from models.train import Trainer, fit
 
 __all__ = ["DistributedTrainer", "ShardedTask", "fit_distributed", "slice_batch", "slice_kjt", "train_worker"]
 
@@ -158,10 +157,8 @@ class DistributedTrainer(Trainer):
     phase and the full unsharded model between phases. Requires an initialized process group.
     """
 
-    # set by run_fit_on_rank before fit runs (fit constructs the trainer itself)
-    options: Dict[str, Any] = {}
-
-    def __init__(self, net: nn.Module, task, cfg: dict, on_epoch, progress: bool):
+    def __init__(self, net: nn.Module, task, cfg: dict, on_epoch, progress: bool, *, options: Dict[str, Any]):
+        self.options = options  # device, planner; receives the placements of each phase
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         super().__init__(net, ShardedTask(task, self.rank, self.world), cfg, on_epoch, progress and self.rank == 0)
         self.full_net = net
@@ -275,30 +272,10 @@ class DistributedTrainer(Trainer):
         mean = torch.tensor([0.0 if math.isnan(loss) else loss, 0.0 if math.isnan(loss) else 1.0],
                             dtype=torch.float64, device=self.device)
         dist.all_reduce(mean)
-        loss = float(mean[0] / mean[1]) if mean[1] > 0 else float("nan")
-        metrics = {f"val_{k}": v for k, v in self.task.validate(self.net).items()}
-        row = {"epoch": self.epoch, "phase": phase, "loss": loss, **metrics, "params": self._phase_params,
-               "epoch_time_s": seconds}
-        if self.progress:
-            shown = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
-            print(f"[{self.epoch}/{self.total_epochs}] {shown}", file=sys.stderr, flush=True)
-        if self.on_epoch is not None:
-            self.on_epoch(row)
+        super()._report(phase, float(mean[0] / mean[1]) if mean[1] > 0 else float("nan"), seconds)
 
-
-@contextlib.contextmanager
-def _fit_with(trainer_cls, options: dict):
-    """`models.train.fit` building `trainer_cls` instead of `Trainer`, for the duration."""
-    import models.train as train_module
-
-    original = train_module.Trainer
-    trainer_cls.options = options
-    train_module.Trainer = trainer_cls
-    try:
-        yield train_module.fit
-    finally:
-        train_module.Trainer = original
-        trainer_cls.options = {}
+    def _params(self) -> int:
+        return self._phase_params  # counted on the unsharded model: the DMP holds only this rank's tables
 
 
 def train_worker(config: dict) -> Optional[dict]:
@@ -345,9 +322,8 @@ def run_fit_on_rank(config: dict, report: Optional[Callable[[dict], None]] = Non
 
     kwargs["on_epoch"] = on_epoch
     options = {"device": device, "planner": config.get("planner", "torchrec")}
-    with _fit_with(DistributedTrainer, options) as fit:
-        start = time.perf_counter()
-        record = fit(**kwargs)
+    start = time.perf_counter()
+    record = fit(**kwargs, trainer_cls=functools.partial(DistributedTrainer, options=options))
     record["history"] = rows
     record["distributed"] = {
         "world_size": world, "backend": dist.get_backend(), "planner": options["planner"],
