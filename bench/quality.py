@@ -34,7 +34,8 @@ def _row(record: dict, dense_accuracy: float) -> dict:
         "budget": record["budget"], "accuracy": round(record["accuracy"], 4),
         "delta_vs_dense": round(record["accuracy"] - dense_accuracy, 4),
         "params": record["params"], "compression": round(record["compression"], 1),
-        "tensorized_compression": round(record["tensorized_dense_params"] / max(record["tensorized_params"], 1), 1),
+        "tensorized_compression": (round(record["tensorized_dense_params"] / record["tensorized_params"], 1)
+                                   if record["tensorized_params"] else "-"),
         "budget_met": record["budget_met"], "ranks": record["ranks"],
         "rank_search_time_s": round(record["rank_search_time_s"], 2), "wall_time_s": round(record["wall_time_s"], 2),
     }
@@ -49,7 +50,7 @@ def _markdown(rows: list[dict], dataset: str) -> str:
         lines.append(
             f"| {r['model']} | {r['method']} | {r['format']} | {r['budget'] if r['budget'] is not None else '-'} | "
             f"{r['accuracy']:.4f} | {r['delta_vs_dense']:+.4f} | {r['params']:,} | {r['compression']}× | "
-            f"{r['tensorized_compression']}× | {r['budget_met']} | {r['rank_search_time_s']} | {r['wall_time_s']} |"
+            f"{r['tensorized_compression']}{'×' if r['tensorized_compression'] != '-' else ''} | {r['budget_met']} | {r['rank_search_time_s']} | {r['wall_time_s']} |"
         )
     return "\n".join(lines)
 
