@@ -72,6 +72,8 @@ TRIAL_SCHEMA = pa.schema(
         ("wall_time_s", pa.float64()),
         ("rank_search_time_s", pa.float64()),
         ("epochs_done", pa.int64()),
+        ("node_ip", pa.string()),
+        ("node_id", pa.string()),
         ("ranks_json", pa.string()),
     ]
 )
@@ -114,6 +116,8 @@ COLUMN_UNITS = {
     "wall_time_s": "seconds, whole trial",
     "rank_search_time_s": "seconds spent selecting ranks",
     "epochs_done": "count",
+    "node_ip": "IP of the Ray node the trial ran on",
+    "node_id": "Ray node id the trial ran on",
     "ranks_json": "JSON object: layer -> list of selected ranks (one per rank edge)",
     "hp_*": "the trial's hyperparameters, in the units the spec gives them",
     "tensor_shape": "mode groups: one list of mode sizes per tensor leg group ([[out modes], [in modes]] for ttm)",
