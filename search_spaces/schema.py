@@ -95,8 +95,8 @@ def validate(raw: Any, *, default_name: str = "search", source: str | None = Non
         "description": _optional(raw.get("description"), Scalar(str), "description", errors),
         "models": models,
         "dataset": _dataset(raw.get("dataset"), errors),
-        "dataset_options": _dataset_options(raw.get("dataset_options"), errors),
-        "model_options": _model_options(raw.get("model_options"), errors),
+        "dataset_options": _free_options(raw.get("dataset_options"), "dataset_options", DATASET_RESERVED, errors),
+        "model_options": _free_options(raw.get("model_options"), "model_options", MODEL_RESERVED, errors),
         "formats": _names(raw.get("formats"), "formats", FORMATS, errors, required=_compresses(methods)),
         "methods": methods,
         "budgets": _budgets(raw.get("budgets"), errors, required=_compresses(methods)),
@@ -185,22 +185,19 @@ def _dataset(value: Any, errors: Errors) -> str | None:
     return value
 
 
-def _dataset_options(value: Any, errors: Errors) -> dict:
-    """Free keyword arguments of models.data.load_dataset (max_train, table_sizes, ...), less its seed."""
-    options = _mapping(value, "dataset_options", errors)
-    if "seed" in options:
-        errors.add("dataset_options.seed", "set seeds with search.seeds (the data seed follows the trial's)")
-    return options
-
-
-def _model_options(value: Any, errors: Errors) -> dict:
-    """Free keyword arguments of the model builder (dlrm: embedding_dim, min_rows, tensorize_mlp, ...);
-    format and max_rank come from the grid and train.max_rank."""
-    options = _mapping(value, "model_options", errors)
-    for key in ("format", "max_rank"):
+def _free_options(value: Any, field: str, reserved: dict, errors: Errors) -> dict:
+    """Free keyword arguments passed through to a builder, less the keys the search sets itself."""
+    options = _mapping(value, field, errors)
+    for key, where in reserved.items():
         if key in options:
-            errors.add(f"model_options.{key}", "set by the grid (formats) and train.max_rank")
+            errors.add(f"{field}.{key}", where)
     return options
+
+
+# dataset_options go to models.data.load_dataset (max_train, table_sizes, ...); model_options to the
+# model builder (dlrm: embedding_dim, min_rows, tensorize_mlp, ...)
+DATASET_RESERVED = {"seed": "set seeds with search.seeds (the data seed follows the trial's)"}
+MODEL_RESERVED = {"format": "set by the grid (formats)", "max_rank": "set by train.max_rank"}
 
 
 def _methods(value: Any, errors: Errors) -> dict:

@@ -257,3 +257,11 @@ def test_schema_tables_match_the_code():
     assert set(TRAIN_BOUNDS) <= set(TRAIN_DEFAULTS)
     assert tuple(DATASETS) == DATASET_KINDS
     assert tuple(f.name for f in dataclasses.fields(Spec)) == SECTIONS
+
+
+def test_model_options_pass_through_but_not_what_the_grid_sets():
+    spec = load_spec({**load_spec("synthetic-dlrm").to_dict(), "model_options": {"embedding_dim": 8}})
+    assert spec.model_options == {"embedding_dim": 8}
+    with pytest.raises(SpecError) as err:
+        load_spec({**spec.to_dict(), "model_options": {"format": "tt", "max_rank": 4}})
+    assert "model_options.format" in str(err.value) and "model_options.max_rank" in str(err.value)
