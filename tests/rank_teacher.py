@@ -90,7 +90,7 @@ def task_loss(output, target):
 
 def train(model, method: RankMethod, data, epochs: int, lr: float, *, batch_size: int = 64,
           held_out=None, target_params: int | None = None, seed: int = 0) -> RankMethod:
-    """Attach, search for `method.search_epochs(epochs)` epochs (task loss + penalty, Adam on the
+    """Attach, search for `epochs` epochs — the whole run is the rank search (task loss + penalty, Adam on the
     model and the method's own groups, `step` after every optimizer step, `end_epoch`), then
     `measure` on held-out batches (default: the training data). Selection is left to the caller.
     Runs on one thread: on tensors this small, more threads only wait on each other (and on a
@@ -110,7 +110,7 @@ def _train(model, method, data, epochs, lr, batch_size, held_out, target_params,
         method.target_params = target_params
     optimizer = torch.optim.Adam([{"params": list(model.parameters()), "lr": lr}, *method.param_groups(lr)])
     model.train()
-    for epoch in range(method.search_epochs(epochs)):
+    for epoch in range(epochs):
         for b, (x, y) in enumerate(batches(data, batch_size, seed=seed * 1000 + epoch)):
             loss = task_loss(model(x), y) + method.penalty()
             optimizer.zero_grad()

@@ -112,6 +112,9 @@ class RankMethod(nn.Module):
     def __init__(self, **hyperparameters):
         super().__init__()
         self.hp = dict(hyperparameters)
+        fraction = self.hp.get("search_fraction", 1.0)
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ValueError(f"search_fraction: expected a fraction in (0, 1], got {fraction!r}")
         self.layers: dict[str, FactorizedLayer] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -142,8 +145,9 @@ class RankMethod(nn.Module):
         """After each training epoch."""
 
     def search_epochs(self, epochs: int) -> int:
-        """How many of the training epochs run with the method attached (the rank search)."""
-        return epochs
+        """How many of the training epochs run with the method attached (the rank search):
+        `search_fraction` of them (all when the method has none), at least one."""
+        return min(epochs, max(1, round(epochs * self.hp.get("search_fraction", 1.0))))
 
     def measure(self, model: nn.Module, batches) -> None:
         """Called once after the search epochs with held-out (x, y) batches (LWIQ measures here)."""

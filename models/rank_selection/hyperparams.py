@@ -31,6 +31,7 @@ METHOD_DEFAULTS = {
         "damping": 1.0,  # lambda^2 <- (1-s) lambda^2 + s * closed-form update, after every step (theirs: 1)
         "threshold": 1e-4,  # slices with lambda^2 at or below are dropped
         "init_log_sigma": -8.0,  # svi: posterior std starts tiny (exp(-8)), near the MAP point
+        "search_fraction": 0.5,  # of train.epochs searched with the prior; the pruned model trains the rest
     },
     "l0": {
         "lam": 1.0,  # times E[params]/params at max rank (paper: 0.1-1 on a per-edge count summed over edges)
@@ -38,6 +39,7 @@ METHOD_DEFAULTS = {
         "shift": 1.2,  # gate = clip(mu + shift + sigma*eps, 0, 1); mu starts at 0, so gates start open
         "gate_lr": 1e-3,  # lr of the gate means (theirs: the same Adam lr as the weights)
         "freeze_at_target": True,  # stop training gates once eval gates meet the budget
+        "search_fraction": 0.5,  # of train.epochs searched with the gates; the pruned model trains the rest
     },
     "lwiq": {
         "warmup_epochs": 1,  # ordinary training before measuring, so features mean something
