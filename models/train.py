@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.rank_selection import BudgetError, make_method, resolve_budget
-from models.rank_selection.base import minimum_params, tensorized_dense_params, tensorized_params
+from models.rank_selection import make_method, resolve_budget
+from models.rank_selection.base import check_budget_floor, tensorized_dense_params, tensorized_params
 from models.rank_selection.hyperparams import METHODS, TRAIN_DEFAULTS
 from models.tensorized import FORMATS, dense_model_params, factorized_layers, model_params, tensorize
 from models.zoo import build_model
@@ -139,40 +139,24 @@ class Trainer:
             self.on_epoch(row)
 
 
-@torch.no_grad()
 def uniform_rank_for_budget(layers: dict, budget_params: int) -> int:
     """The largest rank r (on every edge, capped at each edge's max) whose layers fit the budget."""
-    best = None
-    top = max(max(layer.max_ranks) for layer in layers.values())
-    for r in range(1, top + 1):
-        total = 0
-        for layer in layers.values():
-            saved = [m.clone() for m in layer.rank_masks]
-            for edge, m in enumerate(saved):
-                keep = torch.arange(m.numel()) < r
-                layer.weight.set_mask(edge, keep)
-            total += layer.num_parameters()
-            for edge, m in enumerate(saved):
-                layer.weight.mask(edge).copy_(m)
-        if total > budget_params:
+    check_budget_floor(layers, budget_params)
+    best = 1
+    for r in range(2, max(max(layer.max_ranks) for layer in layers.values()) + 1):
+        if sum(layer.params_at([min(r, m) for m in layer.max_ranks]) for layer in layers.values()) > budget_params:
             break
         best = r
-    if best is None:
-        raise BudgetError(
-            f"budget: {budget_params} parameters is below the minimum {minimum_params(layers)} "
-            f"(rank 1 on every edge of {len(layers)} tensorized layers)"
-        )
     return best
 
 
-def _tensorize(net, fmt, max_rank, cfg, init="random") -> dict:
+def _tensorize(net, fmt, max_rank, init="random") -> dict:
     # a model may restrict which of its layers tensorize may replace (DLRM: its tables are factorized
     # at construction; only the MLPs, if asked, or after a dense build the large tables)
-    tensorize(net, format=fmt, max_rank=max_rank, min_params=cfg.get("min_params", 1024), init=init,
-              **getattr(net, "tensorize_options", {}))
+    tensorize(net, format=fmt, max_rank=max_rank, init=init, **getattr(net, "tensorize_options", {}))
     layers = factorized_layers(net)
     if not layers:
-        raise ValueError("model: no layer is large enough to tensorize (min_params)")
+        raise ValueError("model: no layer is large enough to tensorize (tensorize's min_params)")
     return layers
 
 
@@ -222,15 +206,15 @@ def fit(*, model: str = "mlp", dataset: str = "digits", method: str = "fixed", f
         trainer.run(cfg["epochs"], "dense")
         search_start = time.perf_counter()
         probe = build_model(model, **model_kwargs(format))
-        layers = _tensorize(probe, format, cfg["max_rank"], cfg)
+        layers = _tensorize(probe, format, cfg["max_rank"])
         budget_params = resolve_budget(budget, layers)
         rank = uniform_rank_for_budget(layers, budget_params)
-        _tensorize(net, format, rank, cfg, init="decompose")
+        _tensorize(net, format, rank, init="decompose")
         search_time = time.perf_counter() - search_start
         trainer.restart_schedule(cfg["finetune_epochs"])
         trainer.run(cfg["finetune_epochs"], "finetune")
     else:
-        layers = _tensorize(net, format, cfg["max_rank"], cfg)
+        layers = _tensorize(net, format, cfg["max_rank"])
         budget_params = resolve_budget(budget, layers)
         if method == "fixed":
             rank = uniform_rank_for_budget(layers, budget_params)

@@ -55,17 +55,17 @@ def resolve_budget(budget, layers: Mapping[str, FactorizedLayer]) -> int:
 
 def minimum_params(layers: Mapping[str, FactorizedLayer]) -> int:
     """Parameters with one slice kept on every edge (the smallest any method can reach)."""
-    total = 0
-    for layer in layers.values():
-        saved = [m.clone() for m in layer.rank_masks]
-        for edge in range(layer.weight.num_edges):
-            keep = torch.zeros_like(saved[edge], dtype=torch.bool)
-            keep[0] = True
-            layer.weight.set_mask(edge, keep)
-        total += layer.num_parameters()
-        for edge, m in enumerate(saved):
-            layer.weight.mask(edge).copy_(m)
-    return total
+    return sum(layer.params_at([1] * layer.weight.num_edges) for layer in layers.values())
+
+
+def check_budget_floor(layers: Mapping[str, FactorizedLayer], budget_params: int) -> None:
+    """BudgetError when even rank 1 on every edge is over the budget."""
+    floor = minimum_params(layers)
+    if budget_params < floor:
+        raise BudgetError(
+            f"budget: {budget_params} parameters is below the minimum {floor} (rank 1 on every edge of "
+            f"{len(layers)} tensorized layers)"
+        )
 
 
 @torch.no_grad()
@@ -75,12 +75,7 @@ def prune_to_budget(layers: Mapping[str, FactorizedLayer], importance: Mapping[s
     tensorized layers fit `budget_params`. `importance[layer][edge]` scores each slice
     (higher = keep); scores must be comparable across layers. Each edge keeps >= 1 slice.
     """
-    floor = minimum_params(layers)
-    if budget_params < floor:
-        raise BudgetError(
-            f"budget: {budget_params} parameters is below the minimum {floor} (rank 1 on every edge of "
-            f"{len(layers)} tensorized layers)"
-        )
+    check_budget_floor(layers, budget_params)
     candidates = []  # (score, layer, edge, index)
     for name, layer in layers.items():
         for edge, scores in enumerate(importance[name]):

@@ -30,14 +30,6 @@ from torch import nn
 from .base import RankMethod
 
 
-def _params_at(weight, ranks) -> torch.Tensor | int:
-    """Parameters of `weight`'s factors at `ranks` per edge (ints, or expected ranks as tensors)."""
-    return sum(
-        math.prod(ranks[lb[1]] if lb[0] == "edge" else size for lb, size in zip(labels, factor.shape))
-        for labels, factor in zip(weight.labels, weight.factors)
-    )
-
-
 class L0Rank(RankMethod):
     name = "l0"
 
@@ -92,7 +84,7 @@ class L0Rank(RankMethod):
     def expected_fraction(self) -> torch.Tensor:
         """E[weight parameters] / weight parameters at max rank, over all tensorized layers."""
         expected = sum(
-            _params_at(weight, [self.open_prob(i, e).sum() for e in range(weight.num_edges)])
+            weight.params_at([self.open_prob(i, e).sum() for e in range(weight.num_edges)])
             for i, weight in enumerate(self._weights())
         )
         return expected / sum(weight.num_parameters(effective=False) for weight in self._weights())
@@ -103,7 +95,7 @@ class L0Rank(RankMethod):
     def eval_params(self) -> int:
         """Parameters of the tensorized layers (biases included, as budgets count them) at eval gates."""
         return sum(
-            layer.num_parameters() - layer.weight.num_parameters() + _params_at(layer.weight, self._eval_ranks(i))
+            layer.params_at(self._eval_ranks(i))
             for i, layer in enumerate(self.layers.values())
         )
 

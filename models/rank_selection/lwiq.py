@@ -60,7 +60,7 @@ from torch import nn
 
 from models.tensorized import FactorizedConv2d
 
-from .base import BudgetError, RankMethod, resolve_budget
+from .base import RankMethod, check_budget_floor, resolve_budget
 from .hyperparams import METHOD_DEFAULTS
 
 
@@ -94,15 +94,6 @@ def slice_norms(weight) -> list[torch.Tensor]:
         norms.append(score)
     return norms
 
-
-def _params_at(layer, ranks: list[int]) -> int:
-    """What `layer.num_parameters()` would count with `ranks` kept, without touching its masks."""
-    w = layer.weight
-    bias = layer.num_parameters(False) - w.num_parameters(False)
-    return bias + sum(
-        math.prod(ranks[lb[1]] if lb[0] == "edge" else n for lb, n in zip(labels, factor.shape))
-        for labels, factor in zip(w.labels, w.factors)
-    )
 
 
 def _to(obj, device):
@@ -220,19 +211,14 @@ class LWIQRank(RankMethod):
         return ranks
 
     def _total(self, scale: float) -> int:
-        return sum(_params_at(self.layers[name], r) for name, r in self._ranks(scale).items())
+        return sum(self.layers[name].params_at(r) for name, r in self._ranks(scale).items())
 
     def _solve(self, budget) -> float:
         """The largest scale whose ranks fit the budget (bisection; parameters grow with the scale)."""
         if self.significance is None:
             raise RuntimeError("lwiq: no measurement yet; call measure(model, held_out_batches) before select/allocate")
         budget = resolve_budget(budget, self.layers)
-        floor = self._total(0.0)
-        if budget < floor:
-            raise BudgetError(
-                f"budget: {budget} parameters is below the minimum {floor} (rank 1 on every edge of "
-                f"{len(self.layers)} tensorized layers)"
-            )
+        check_budget_floor(self.layers, budget)  # scale 0 is rank 1 on every edge
         lo, hi = 0.0, 1.0 / min(self.significance.values())  # hi: every layer at full rank
         if self._total(hi) <= budget:
             return hi

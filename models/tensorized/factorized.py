@@ -100,12 +100,15 @@ class FactorizedTensor(nn.Module):
 
     # ---- counts ------------------------------------------------------------------------
     def num_parameters(self, effective: bool = True) -> int:
-        kept = self.ranks if effective else self.max_ranks
-        total = 0
-        for f, ls in enumerate(self.labels):
-            shape = self.factors[f].shape
-            total += math.prod(kept[lb[1]] if lb[0] == "edge" else shape[d] for d, lb in enumerate(ls))
-        return total
+        return self.params_at(self.ranks if effective else self.max_ranks)
+
+    def params_at(self, ranks):
+        """Parameters the factors would have with `ranks[e]` slices kept on each edge, masks untouched
+        (ints; or expected ranks as tensors, which gives a differentiable expected count)."""
+        return sum(
+            math.prod(ranks[lb[1]] if lb[0] == "edge" else size for lb, size in zip(labels, factor.shape))
+            for labels, factor in zip(self.labels, self.factors)
+        )
 
     # ---- contraction -------------------------------------------------------------------
     def effective_factors(self) -> list[torch.Tensor]:

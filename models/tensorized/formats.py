@@ -21,16 +21,14 @@ from .names import FORMATS
 
 def _edge_sizes(max_rank, caps: Sequence[int], argument: str = "max_rank") -> list[int]:
     """Per-edge max ranks: an int for all edges (capped where a larger rank is useless) or a list."""
-    if isinstance(max_rank, (list, tuple)):
-        if len(max_rank) != len(caps):
-            raise ValueError(f"{argument}: expected {len(caps)} ranks (one per rank edge), got {len(max_rank)}")
-        ranks = list(max_rank)
-    else:
-        ranks = [max_rank] * len(caps)
+    explicit = isinstance(max_rank, (list, tuple))
+    if explicit and len(max_rank) != len(caps):
+        raise ValueError(f"{argument}: expected {len(caps)} ranks (one per rank edge), got {len(max_rank)}")
+    ranks = list(max_rank) if explicit else [max_rank] * len(caps)
     for r in ranks:
         if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1:
             raise ValueError(f"{argument}: ranks must be integers >= 1, got {max_rank!r}")
-    return [int(min(r, c)) if not isinstance(max_rank, (list, tuple)) else int(r) for r, c in zip(ranks, caps)]
+    return [int(r) if explicit else int(min(r, c)) for r, c in zip(ranks, caps)]
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

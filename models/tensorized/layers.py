@@ -79,6 +79,10 @@ class FactorizedLayer(nn.Module):
     def num_parameters(self, effective: bool = True) -> int:
         return self.weight.num_parameters(effective) + self._bias_params()
 
+    def params_at(self, ranks: list[int]) -> int:
+        """`num_parameters()` with `ranks` kept per edge, without touching the masks."""
+        return self.weight.params_at(ranks) + self._bias_params()
+
     def dense_parameters(self) -> int:
         """Parameters of the uncompressed layer this one replaces."""
         return math.prod(self.dense_shape) + self._bias_params()
