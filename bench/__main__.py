@@ -1,12 +1,13 @@
 """`make bench`: run the benchmark modules of this package and write their results.
 
-    python -m bench [--only NAME[,NAME...]] [--quick] [--out DIR] [--device cpu|cuda] [--dataset SPEC] [--list]
+    python -m bench [--only NAME[,NAME...]] [--quick] [--out DIR] [--device cpu|cuda] [--dataset SPEC]
+                    [--jobs N] [--seeds N] [--list]
 
 A benchmark is any module `bench/<name>.py` (not starting with `_`) that defines
 
     def run(quick: bool) -> dict   # {"rows": [dict, ...], "markdown": str, ...anything else}
 
-It may also accept `device` and `dataset` keywords, which receive `--device` and `--dataset`. Nothing needs
+It may also accept `device`, `dataset`, `jobs` and `seeds` keywords, which receive the options of those names. Nothing needs
 registering: adding the file is enough. Each module's result goes to
 `<out>/<name>.json` (the dict plus run metadata) and `<out>/<name>.md`; every
 `<name>.json` found in `<out>` is then collected into `<out>/REPORT.md`, so a
@@ -56,16 +57,17 @@ def _environment() -> dict:
     return env
 
 
-def run_one(name: str, *, quick: bool, device: str | None, dataset: str | None = None) -> dict:
+def run_one(name: str, *, quick: bool, device: str | None, dataset: str | None = None, jobs: int | None = None,
+            seeds: int | None = None) -> dict:
     """Import bench/<name>.py, call its run(), check the result's shape, add metadata.
 
-    `device` and `dataset` go only to modules whose run() takes them."""
+    `device`, `dataset`, `jobs` and `seeds` go only to modules whose run() takes them."""
     module = importlib.import_module(f"bench.{name}")
     runner = getattr(module, "run", None)
     if not callable(runner):
         raise TypeError(f"bench/{name}.py has no run(quick) function")
     kwargs = {"quick": quick}
-    for option, value in (("device", device), ("dataset", dataset)):
+    for option, value in (("device", device), ("dataset", dataset), ("jobs", jobs), ("seeds", seeds)):
         if value is not None and option in inspect.signature(runner).parameters:
             kwargs[option] = value
     started = time.time()
@@ -127,6 +129,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="passed to benchmarks that take a device (cpu, cuda)")
     parser.add_argument("--dataset", default=None,
                         help="passed to benchmarks that take a dataset (quality: e.g. mnist:DIR; default digits)")
+    parser.add_argument("--jobs", type=int, default=None, help="benchmarks that take it (quality) run this many fits at once")
+    parser.add_argument("--seeds", type=int, default=None, help="benchmarks that take it (quality) average this many seeds")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     args = parser.parse_args(argv)
 
@@ -145,7 +149,8 @@ def main(argv=None) -> int:
     for name in names:
         print(f"== bench {name}{' (quick)' if args.quick else ''}", flush=True)
         try:
-            result = run_one(name, quick=args.quick, device=args.device, dataset=args.dataset)
+            result = run_one(name, quick=args.quick, device=args.device, dataset=args.dataset, jobs=args.jobs,
+                             seeds=args.seeds)
         except Exception:  # one broken benchmark must not hide the others' results
             traceback.print_exc()
             failed.append(name)

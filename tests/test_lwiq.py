@@ -70,11 +70,14 @@ def test_imprinting_is_perfect_on_separable_and_chance_on_random_features():
 
 def test_pooling_keeps_at_most_pool_features():
     assert pool_features(torch.randn(4, 256, 5, 5), 128, spatial=True).shape == (4, 128)
-    assert pool_features(torch.randn(4, 32, 5, 5), 128, spatial=True).shape == (4, 32)
+    assert pool_features(torch.randn(4, 32, 5, 5), 128, spatial=True).shape == (4, 128)  # a 2x2 grid
+    assert pool_features(torch.randn(4, 50, 5, 5), 128, spatial=True).shape == (4, 50)  # no grid fits: means
     assert pool_features(torch.randn(4, 300), 128).shape == (4, 128)
     assert pool_features(torch.randn(4, 7, 40), 128).shape == (4, 40)
     conv = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 2, 2)
     assert torch.equal(pool_features(conv, 8, spatial=True), conv.mean((2, 3)))
+    maps = torch.randn(2, 2, 6, 6)
+    assert torch.equal(pool_features(maps, 8, spatial=True), F.adaptive_avg_pool2d(maps, 2).flatten(1))
 
 
 def identity_ttm(n=16, max_rank=8):
@@ -102,18 +105,20 @@ def test_the_layer_that_separates_the_classes_gets_the_largest_ranks():
     acc = method.state()["proxy_accuracy"]
     assert acc["2"] == 1.0 and acc["3"] == 1.0 and acc["0"] < 0.8
     sig = method.state()["significance"]
-    assert sig["2"] == 1.0 and sig["0"] == sig["3"] == method.hp["min_share"]
+    assert sig["2"] == 1.0 and sig["0"] == method.hp["min_share"]
+    assert method.state()["output_layer"] == "3" and sig["3"] == 1.0  # the head is not starved
     full = tensorized_params(method.layers, effective=False)
     ranks = method.select(full // 2)
     assert tensorized_params(method.layers) <= full // 2
-    assert ranks["2"][0] > ranks["0"][0] == ranks["3"][0]
+    assert ranks["2"][0] > ranks["0"][0] and ranks["3"] == ranks["2"]
 
 
 def test_ranks_follow_the_measured_significance(trained):
     net, method, _ = trained
     sig = method.state()["significance"]
     assert method.state()["layer_order"] == ["0", "2", "4"]
-    assert sig["0"] == 1.0 and sig["2"] < 0.5 and sig["4"] < 0.5
+    assert sig["0"] == 1.0 and sig["2"] < 0.5
+    assert method.state()["output_layer"] == "4" and sig["4"] == 1.0
     full = tensorized_params(method.layers, effective=False)
     for fraction in (0.3, 0.6):
         ranks = method.select(int(fraction * full))
@@ -127,7 +132,7 @@ def test_ranks_follow_the_measured_significance(trained):
             for b in sig:
                 if sig[a] > sig[b]:  # more significant -> larger rank fraction (up to rounding)
                     assert share[a] >= share[b] - 0.5 / min(method.layers[b].max_ranks)
-        assert share["0"] > max(share["2"], share["4"])
+        assert share["0"] > share["2"]
 
 
 def test_budgets_reuse_one_measurement_and_larger_budgets_never_shrink_ranks(trained):

@@ -44,7 +44,7 @@ METHOD_DEFAULTS = {
     "lwiq": {
         "warmup_epochs": 1,  # ordinary training before measuring, so features mean something
         "measure_batches": 8,  # held-out batches: half imprint the proxy classifiers, half score them
-        "pool_features": 128,  # pooled feature size per layer
+        "pool_features": 512,  # pooled feature size per layer (conv maps keep a coarse grid within it)
         "min_share": 0.05,  # floor of each layer's significance, relative to the top layer, so no layer starves
     },
     "fixed": {},
