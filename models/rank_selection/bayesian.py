@@ -3,8 +3,8 @@
 Every rank slice r of every edge has a Gaussian prior N(0, λ_r²) on each entry it covers
 (`slice_members`: a CP component, a Tucker factor column, the trailing slice of TT core k and
 the leading slice of core k+1). λ_r has a log-uniform or half-Cauchy(η) hyperprior and gets a
-closed-form EM update from M_r = Σ_slice (μ² + σ²); slices whose λ_r² falls below `threshold`
-are dropped.
+closed-form EM update from M_r = Σ_slice (μ² + σ²); slices whose λ_r² falls to `threshold`
+times the largest λ² on their edge or below are dropped.
 
 - inference "svi" (the paper): mean-field Gaussian posterior over factor entries. The factors
   are the means μ; the method owns a log σ per entry; training forwards see μ + σ·ε; the loss
@@ -20,6 +20,12 @@ Choices (the paper leaves them open):
   to the *mean* task loss, so kl_weight = 1/N_train is the exact per-example ELBO (their MNIST
   5e-5 is about 3/N).
 - λ is a constant of the loss between updates (no gradient flows into it).
+- The threshold is relative to the largest λ² on the edge (the papers' scripts use an absolute
+  1e-4 … 1e-8). λ² carries the entry scale of its factors, which the init sets per layer: TT
+  embedding cores of a 10⁶-row table start near 1e-3 and end near 1e-5, under any absolute
+  threshold tuned on an MLP (λ² ≈ 1e-2), so every slice was "dropped" and DLRM tables fell
+  to rank 1 (−0.039 AUC). Relative 1e-2 reproduces the MNIST MLP's absolute-1e-4 ranks
+  (λ² gaps of two orders: 2e-3 → 5e-5) and is scale-free like `importance`.
 - Known pitfall (the authors' issue #1: TT "diverges" at their defaults): with the KL on from
   the first step and a large learning rate, the penalty shrinks the still-random slices faster
   than the data can claim them and every rank collapses to nothing (we saw it for TT and TTM at
@@ -123,6 +129,9 @@ class BayesianRank(RankMethod):
             raise ValueError(f"hyperprior: expected one of {', '.join(HYPERPRIORS)}, got {self.hp['hyperprior']!r}")
         if self.hp["ramp_epochs"] < 1:
             raise ValueError(f"ramp_epochs: expected an integer >= 1, got {self.hp['ramp_epochs']!r}")
+        if not 0 <= self.hp["threshold"] < 1:
+            raise ValueError(f"threshold: expected a fraction of the edge's largest lambda^2 in [0, 1), "
+                             f"got {self.hp['threshold']!r}")
         if not 0 < self.hp["damping"] <= 1:
             raise ValueError(f"damping: expected a step size in (0, 1], got {self.hp['damping']!r}")
         self._epoch = 0
@@ -190,7 +199,8 @@ class BayesianRank(RankMethod):
         return {name: [lam2 / lam2.max() for lam2 in lams] for name, lams in self._lambdas().items()}
 
     def natural_masks(self) -> dict[str, list[torch.Tensor]]:
-        return {name: [lam2 > self.hp["threshold"] for lam2 in lams] for name, lams in self._lambdas().items()}
+        return {name: [lam2 > self.hp["threshold"] * lam2.max() for lam2 in lams]
+                for name, lams in self._lambdas().items()}
 
     def state(self) -> dict:
         lambdas = self._lambdas()
@@ -198,6 +208,6 @@ class BayesianRank(RankMethod):
             "inference": self.hp["inference"],
             "kl_factor": self.kl_factor(),
             "lambda2": {name: [lam2.tolist() for lam2 in lams] for name, lams in lambdas.items()},
-            "ranks_at_threshold": {name: [int((lam2 > self.hp["threshold"]).sum()) for lam2 in lams]
-                                   for name, lams in lambdas.items()},
+            "ranks_at_threshold": {name: [int(keep.sum()) for keep in keeps]
+                                   for name, keeps in self.natural_masks().items()},
         }

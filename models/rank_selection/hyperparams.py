@@ -29,7 +29,7 @@ METHOD_DEFAULTS = {
         "warmup_epochs": 1,  # epochs with KL weight 0 ...
         "ramp_epochs": 2,  # ... then linear up to kl_weight over this many epochs
         "damping": 1.0,  # lambda^2 <- (1-s) lambda^2 + s * closed-form update, after every step (theirs: 1)
-        "threshold": 1e-4,  # slices with lambda^2 at or below are dropped
+        "threshold": 1e-2,  # slices with lambda^2 at or below this times the edge's largest are dropped
         "init_log_sigma": -8.0,  # svi: posterior std starts tiny (exp(-8)), near the MAP point
         "search_fraction": 0.5,  # of train.epochs searched with the prior; the pruned model trains the rest
     },
