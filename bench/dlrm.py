@@ -50,7 +50,8 @@ FULL = dict(
               ("dense", None, {"epochs": 2, "finetune_epochs": 0}, {}),
               ("dense", None, {}, {}),
               ("fixed", 1e-3, {}, {}), ("fixed", 3e-4, {}, {}), ("fixed", 1e-4, {}, {}),
-              ("bayesian", 3e-4, {}, {}), ("bayesian", 3e-4, {}, {"kl_weight": 1e-3, "eta": 0.1}),
+              ("bayesian", 3e-4, {}, {}),
+              ("bayesian", 3e-4, {}, {"kl_weight": 1e-3, "hyperprior": "half_cauchy", "eta": 0.1}),  # their DLRM
               ("l0", 3e-4, {}, {}), ("lwiq", 3e-4, {}, {}), ("lwiq", 1e-4, {}, {})],
     ),
     lookup=dict(
