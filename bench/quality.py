@@ -46,7 +46,8 @@ _DATA: dict = {}
 
 
 def _fit(kwargs: dict) -> dict:
-    """One run, in this process or a worker; the dataset is loaded once per process."""
+    """One run, in this process or a worker; the dataset (one split for every seed) is loaded once per process."""
+    kwargs = dict(kwargs)
     torch.set_num_threads(kwargs.pop("threads"))
     dataset = kwargs["dataset"]
     if dataset not in _DATA:
