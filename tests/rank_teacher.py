@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from models.rank_selection import RankMethod
+from models.rank_selection import BudgetError, RankMethod
+from models.rank_selection.base import minimum_params, resolve_budget, tensorized_params
 from models.tensorized import FactorizedLinear
 
 
@@ -138,3 +140,19 @@ def compress(model, method: RankMethod, budget_params: int) -> dict[str, list[in
     for layer in method.layers.values():
         layer.prune()
     return ranks
+
+
+def check_select_meets_budget(method: RankMethod, budget: str) -> None:
+    """`select` from fresh masks ends at or under the budget: "fraction" is 30 % of the dense
+    count, "tight" a count below what the natural masks keep, so importance decides."""
+    fresh_masks(method)
+    budget = resolve_budget(0.3, method.layers) if budget == "fraction" else minimum_params(method.layers) + 20
+    ranks = method.select(budget)[""]
+    assert tensorized_params(method.layers) <= budget
+    assert all(r >= 1 for r in ranks)
+
+
+def check_impossible_budget_is_a_clear_error(method: RankMethod) -> None:
+    floor = minimum_params(method.layers)
+    with pytest.raises(BudgetError, match=f"below the minimum {floor}"):
+        method.select(floor - 1)

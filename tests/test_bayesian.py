@@ -11,11 +11,10 @@ import torch
 from scipy.optimize import minimize_scalar
 from torch.distributions import Normal, kl_divergence
 
-from models.rank_selection import BudgetError, make_method
-from models.rank_selection.base import minimum_params, resolve_budget, tensorized_params
+from models.rank_selection import make_method
 from models.rank_selection.bayesian import lambda2_update
 from models.tensorized import FactorizedLinear
-from rank_teacher import CASES, compress, fresh_masks, teacher_data, teacher_student, train
+from rank_teacher import check_impossible_budget_is_a_clear_error, check_select_meets_budget, CASES, compress, fresh_masks, teacher_data, teacher_student, train
 
 N = 1024
 
@@ -136,20 +135,11 @@ def test_recovers_teacher_ranks(format, inference):
 # -- budgets and detach ------------------------------------------------------------------------
 @pytest.mark.parametrize("budget", ["fraction", "tight"])
 def test_select_meets_budget(budget):
-    _, _, method = fit("ttm", "map")
-    fresh_masks(method)
-    # 30% of the dense count; and a count below what the natural masks keep, so importance decides
-    budget = resolve_budget(0.3, method.layers) if budget == "fraction" else minimum_params(method.layers) + 20
-    ranks = method.select(budget)[""]
-    assert tensorized_params(method.layers) <= budget
-    assert all(r >= 1 for r in ranks)
+    check_select_meets_budget(fit("ttm", "map")[2], budget)
 
 
 def test_impossible_budget_is_a_clear_error():
-    _, _, method = fit("ttm", "map")
-    floor = minimum_params(method.layers)
-    with pytest.raises(BudgetError, match=f"below the minimum {floor}"):
-        method.select(floor - 1)
+    check_impossible_budget_is_a_clear_error(fit("ttm", "map")[2])
 
 
 def test_detach_and_prune_keep_eval_outputs():
