@@ -88,8 +88,8 @@ def _threads() -> int:
 
 
 def compression(config: dict, device: str = "cpu") -> list[dict]:
-    from models.data import load_dataset
-    from models.train import fit
+    from ranksearch.models.data import load_dataset
+    from ranksearch.models.train import fit
 
     data = load_dataset("synthetic-criteo", num_samples=config["num_samples"], table_sizes=config["table_sizes"],
                         seed=config["train"]["seed"])
@@ -201,7 +201,7 @@ def _ids(case: dict, device: torch.device) -> torch.Tensor:
 
 
 def _lookup_case(case: dict, ranks, repeats: int, min_block_s: float, device: torch.device) -> list[dict]:
-    from models.tensorized import FactorizedEmbeddingBag
+    from ranksearch.models.tensorized import FactorizedEmbeddingBag
 
     rows, dim, bags, pooling = case["rows"], case["dim"], case["bags"], case["pooling"]
     wanted = case.get("variants", ("tt", "dense", "sparse", "fused"))

@@ -22,7 +22,7 @@ import time
 import torch
 from torch import nn
 
-from models.tensorized import FORMATS, FactorizedEmbeddingBag, FactorizedLinear
+from ranksearch.models.tensorized import FORMATS, FactorizedEmbeddingBag, FactorizedLinear
 
 FULL = dict(
     cases=[

@@ -23,8 +23,8 @@ def _bare_trainable(config):
     """What a user writes without ranksearch: load, fit, report once."""
     from ray import tune
 
-    from models.data import load_dataset
-    from models.train import fit
+    from ranksearch.models.data import load_dataset
+    from ranksearch.models.train import fit
 
     data = load_dataset("digits", seed=config["seed"], **DATA)
     start = time.perf_counter()
@@ -48,7 +48,7 @@ def bare_tune(trials: int, storage: str) -> tuple[float, float]:
 
 
 def ranksearch(trials: int, storage: str) -> tuple[float, float]:
-    from orchestrator import run_search
+    from ranksearch.orchestrator import run_search
 
     spec = {
         "name": "overhead", "models": ["mlp"], "dataset": "digits", "dataset_options": DATA,

@@ -17,8 +17,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from models.data import load_dataset
-from models.train import fit
+from ranksearch.models.data import load_dataset
+from ranksearch.models.train import fit
 
 METHODS = ("fixed", "posthoc", "bayesian", "l0", "lwiq")
 

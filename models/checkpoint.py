@@ -13,9 +13,9 @@ import tempfile
 
 import torch
 
-from models.tensorized import factorized_layers
-from models.tensorized.layers import FactorizedConv2d, FactorizedEmbedding, FactorizedEmbeddingBag, FactorizedLinear
-from models.zoo import build_model
+from ranksearch.models.tensorized import factorized_layers
+from ranksearch.models.tensorized.layers import FactorizedConv2d, FactorizedEmbedding, FactorizedEmbeddingBag, FactorizedLinear
+from ranksearch.models.zoo import build_model
 
 LAYER_CLASSES = {
     cls.kind: cls for cls in (FactorizedLinear, FactorizedConv2d, FactorizedEmbeddingBag, FactorizedEmbedding)

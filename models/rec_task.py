@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.data.criteo import make_batch
+from ranksearch.models.data.criteo import make_batch
 
 
 def binary_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -113,7 +113,7 @@ class RecTask:
 
     def model_record(self, model: nn.Module) -> dict:
         """Embedding parameters (kept and dense) and per-table sizes: budgets count embeddings separately."""
-        from models.zoo.dlrm import embedding_summary
+        from ranksearch.models.zoo.dlrm import embedding_summary
 
         summary = embedding_summary(model)
         summary["tables"] = [{k: v for k, v in t.items() if k != "layer"} for t in summary["tables"]]

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.rank_selection import make_method, resolve_budget
-from models.rank_selection.base import check_budget_floor, tensorized_dense_params, tensorized_params
-from models.rank_selection.hyperparams import METHODS, TRAIN_DEFAULTS
-from models.tensorized import FORMATS, dense_model_params, factorized_layers, model_params, tensorize
-from models.zoo import build_model
+from ranksearch.models.rank_selection import make_method, resolve_budget
+from ranksearch.models.rank_selection.base import check_budget_floor, tensorized_dense_params, tensorized_params
+from ranksearch.models.rank_selection.hyperparams import METHODS, TRAIN_DEFAULTS
+from ranksearch.models.tensorized import FORMATS, dense_model_params, factorized_layers, model_params, tensorize
+from ranksearch.models.zoo import build_model
 
 
 def _check_train_config(train: dict | None) -> dict:
@@ -60,10 +60,10 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def make_task(model_name: str, data, cfg: dict, device: torch.device):
     if model_name == "dlrm":
-        from models.rec_task import RecTask
+        from ranksearch.models.rec_task import RecTask
 
         return RecTask(data, batch_size=cfg["batch_size"], seed=cfg["seed"], device=device)
-    from models.tasks import ClassificationTask
+    from ranksearch.models.tasks import ClassificationTask
 
     return ClassificationTask(data, batch_size=cfg["batch_size"], seed=cfg["seed"], device=device)
 
@@ -178,7 +178,7 @@ def fit(*, model: str = "mlp", dataset: str = "digits", method: str = "fixed", f
     seed_everything(cfg["seed"])
     dev = resolve_device(device)
     if data is None:
-        from models.data import load_dataset
+        from ranksearch.models.data import load_dataset
 
         data = load_dataset(dataset, seed=cfg["seed"], **(dataset_options or {}))
     task = make_task(model, data, cfg, dev)
@@ -262,7 +262,7 @@ def fit(*, model: str = "mlp", dataset: str = "digits", method: str = "fixed", f
     }
     record["compression"] = record["dense_params"] / record["params"]
     if save:
-        from models.checkpoint import save_compressed
+        from ranksearch.models.checkpoint import save_compressed
 
         save_compressed(save, net, record, model_kwargs(None if method == "dense" else format))
     return record

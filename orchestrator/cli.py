@@ -32,9 +32,9 @@ def _key_values(pairs: list[str] | None, flag: str) -> dict:
 
 
 def _add_train(sub) -> None:
-    from models.rank_selection.hyperparams import METHODS
-    from models.tensorized.names import FORMATS
-    from models.zoo.names import MODELS
+    from ranksearch.models.rank_selection.hyperparams import METHODS
+    from ranksearch.models.tensorized.names import FORMATS
+    from ranksearch.models.zoo.names import MODELS
 
     p = sub.add_parser("train", help="train one model with one rank-selection method at one budget")
     p.add_argument("--model", default="mlp", choices=MODELS)
@@ -63,7 +63,7 @@ def _add_train(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    from models.train import fit
+    from ranksearch.models.train import fit
 
     train = {k: v for k, v in {
         "epochs": args.epochs, "finetune_epochs": args.finetune_epochs, "batch_size": args.batch_size,
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ranksearch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
-    from orchestrator import commands
+    from ranksearch.orchestrator import commands
 
     commands.add_commands(sub)
     return parser

@@ -49,7 +49,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from search_spaces import load_spec
+    from ranksearch.search_spaces import load_spec
 
     from .plan import build_plan
 
@@ -71,13 +71,13 @@ def cmd_validate(args) -> int:
 def cmd_submit(args) -> int:
     """Validate here, then run the search on the cluster as a Ray job with this project as working_dir.
 
-    The entrypoint is `python -m orchestrator.cli run ...` rather than the `ranksearch` script:
+    The entrypoint is `python -m ranksearch.orchestrator.cli run ...` rather than the `ranksearch` script:
     it runs the uploaded copy of the code (the job's working directory comes first on the
     path), where an installed script would import whatever copy the cluster installed."""
-    from search_spaces import load_spec
+    from ranksearch.search_spaces import load_spec
 
     load_spec(args.spec)  # a bad spec fails here, not minutes later on the cluster
-    entrypoint = ["python", "-m", "orchestrator.cli", "run", _spec_on_cluster(args.spec)]
+    entrypoint = ["python", "-m", "ranksearch.orchestrator.cli", "run", _spec_on_cluster(args.spec)]
     for flag, value in (("--storage", args.storage), ("--name", args.name)):
         if value:
             entrypoint += [flag, value]

@@ -21,7 +21,7 @@ import uuid
 import warnings
 from pathlib import Path
 
-from search_spaces import Spec, SpecError
+from ranksearch.search_spaces import Spec, SpecError
 
 from .records import is_uri
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from search_spaces import Spec, SpecError, is_distribution
+from ranksearch.search_spaces import Spec, SpecError, is_distribution
 
 TRIAL_LOG_ENV = "RANKSEARCH_TRIAL_LOG"
 DRIVER_CPU = 0.01  # a multi-worker trial's own CPU (Tune needs some): it only waits on its workers

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from orchestrator.pareto import hypervolume, pareto_mask
+from ranksearch.orchestrator.pareto import hypervolume, pareto_mask
 
 __all__ = [
     "ReportPaths",

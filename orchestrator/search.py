@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from search_spaces import load_spec
+from ranksearch.search_spaces import load_spec
 
 from .connect import check_shared_storage, connect
 from .plan import Plan, build_plan

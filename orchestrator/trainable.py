@@ -86,11 +86,11 @@ def _fit(plan: Plan, slot: Slot, fit_kwargs: dict, on_epoch) -> dict:
     """`fit` here on the cached data, or sharded over Ray Train workers (its record has the history)."""
     resources, options = plan.spec["resources"], plan.spec["dataset_options"]
     if resources["workers"] == 1:
-        from models.train import fit
+        from ranksearch.models.train import fit
 
         data = _dataset(fit_kwargs["dataset"], slot.seed, json.dumps(options, sort_keys=True))
         return fit(**fit_kwargs, data=data, on_epoch=on_epoch)
-    from models.distributed import fit_distributed
+    from ranksearch.models.distributed import fit_distributed
 
     return fit_distributed(
         num_workers=resources["workers"], use_gpu=resources["gpu"] > 0, cpus_per_worker=plan.worker_cpus,
@@ -101,6 +101,6 @@ def _fit(plan: Plan, slot: Slot, fit_kwargs: dict, on_epoch) -> dict:
 
 @functools.lru_cache(maxsize=2)
 def _dataset(dataset: str, seed: int, options_json: str):
-    from models.data import load_dataset
+    from ranksearch.models.data import load_dataset
 
     return load_dataset(dataset, seed=seed, **json.loads(options_json))

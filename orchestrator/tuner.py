@@ -7,7 +7,7 @@ import logging
 import os
 from functools import partial
 
-from search_spaces import Spec, is_distribution
+from ranksearch.search_spaces import Spec, is_distribution
 
 from .plan import DRIVER_CPU, EPOCH_METRICS, Plan
 

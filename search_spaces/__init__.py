@@ -1,6 +1,6 @@
 """Search specs: the schema with defaults and validation, and the bundled presets.
 
-    from search_spaces import load_spec
+    from ranksearch.search_spaces import load_spec
     spec = load_spec("digits-quick")      # preset name, YAML path or dict
     spec.cells(); spec.method_params("l0"); spec.check_resources(ray.cluster_resources())
 """

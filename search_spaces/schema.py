@@ -18,9 +18,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from models.rank_selection.hyperparams import METHOD_DEFAULTS, METHODS, TRAIN_DEFAULTS
-from models.tensorized.names import FORMATS
-from models.zoo.names import MODELS, REC_MODELS
+from ranksearch.models.rank_selection.hyperparams import METHOD_DEFAULTS, METHODS, TRAIN_DEFAULTS
+from ranksearch.models.tensorized.names import FORMATS
+from ranksearch.models.zoo.names import MODELS, REC_MODELS
 
 from .errors import Errors, join, suggest
 from .values import Scalar, check, check_param, is_distribution

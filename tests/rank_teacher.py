@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.rank_selection import BudgetError, RankMethod
-from models.rank_selection.base import minimum_params, resolve_budget, tensorized_params
-from models.tensorized import FactorizedLinear
+from ranksearch.models.rank_selection import BudgetError, RankMethod
+from ranksearch.models.rank_selection.base import minimum_params, resolve_budget, tensorized_params
+from ranksearch.models.tensorized import FactorizedLinear
 
 
 @torch.no_grad()

@@ -11,9 +11,9 @@ import torch
 from scipy.optimize import minimize_scalar
 from torch.distributions import Normal, kl_divergence
 
-from models.rank_selection import make_method
-from models.rank_selection.bayesian import lambda2_update
-from models.tensorized import FactorizedLinear
+from ranksearch.models.rank_selection import make_method
+from ranksearch.models.rank_selection.bayesian import lambda2_update
+from ranksearch.models.tensorized import FactorizedLinear
 from rank_teacher import check_impossible_budget_is_a_clear_error, check_select_meets_budget, CASES, compress, fresh_masks, teacher_data, teacher_student, train
 
 N = 1024

@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 
 from conftest import REPO
-from orchestrator.cli import main
+from ranksearch.orchestrator.cli import main
 
 BAD_SPECS = [  # (sections replaced in a valid spec, an error line it must produce)
     ({"searh": {}}, "searh: unknown key; did you mean 'search'?"),
@@ -82,7 +82,7 @@ def test_gpu_request_on_a_cpu_machine_exits_2_before_ray_starts(tmp_path, tiny_s
 def test_run_with_an_address_nobody_answers_exits_2_at_once(tmp_path):
     """In a fresh process, as users run it (this one may already hold the session's Ray)."""
     done = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "run", "tests/specs/tiny.yaml", "--address", "127.0.0.1:1",
+        [sys.executable, "-m", "ranksearch.orchestrator.cli", "run", "tests/specs/tiny.yaml", "--address", "127.0.0.1:1",
          "--storage", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "ranksearch run: error: --address: nothing answers at '127.0.0.1:1'" in done.stderr
@@ -191,6 +191,6 @@ def test_submit_runs_the_search_as_a_ray_job_with_token_auth(token_head, tmp_pat
     assert main(["submit", "tests/specs/tiny.yaml", "--address", url, "--storage", str(storage),
                  "--name", "job", "--wait"]) == 0
     out = capsys.readouterr().out
-    assert "python -m orchestrator.cli run tests/specs/tiny.yaml" in out and out.rstrip().endswith("SUCCEEDED")
+    assert "python -m ranksearch.orchestrator.cli run tests/specs/tiny.yaml" in out and out.rstrip().endswith("SUCCEEDED")
     assert "[1/1] ok" in out  # the job's own log: the search ran on the cluster
     assert (storage / "job" / "report" / "pareto.parquet").is_file()

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from search_spaces.cluster import ClusterConfigError, validate_cluster_config
+from ranksearch.search_spaces.cluster import ClusterConfigError, validate_cluster_config
 
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
 ONPREM_MARKER = "# ---- "

@@ -14,10 +14,10 @@ from threadpoolctl import threadpool_limits
 from torchrec.datasets.criteo import DEFAULT_CAT_NAMES
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from models.data import DatasetError, RecData, load_dataset
-from models.data import criteo
-from models.data.criteo import KAGGLE_TABLE_SIZES, NUM_DENSE, NUM_SPARSE, iter_criteo_batches, load_criteo
-from models.data.synthetic import SYNTHETIC_TABLE_SIZES, synthetic_criteo
+from ranksearch.models.data import DatasetError, RecData, load_dataset
+from ranksearch.models.data import criteo
+from ranksearch.models.data.criteo import KAGGLE_TABLE_SIZES, NUM_DENSE, NUM_SPARSE, iter_criteo_batches, load_criteo
+from ranksearch.models.data.synthetic import SYNTHETIC_TABLE_SIZES, synthetic_criteo
 
 SMALL_SIZES = [7, 1000, 3, 10**7, 5, 1, 97, 2**31, 11, 13] + [1 + 17 * k for k in range(16)]
 
@@ -115,7 +115,7 @@ def test_malformed_lines_are_counted_by_reason_and_skipped(tmp_path, caplog):
     mixed = [lines[0], bad[0], lines[1], bad[1], bad[2], lines[2], "", *bad[3:9], lines[3], *bad[9:]]
     mixed += [lines[4], lines[5]]
     path = write_lines(tmp_path / "mixed.tsv", mixed, newline="\r\n")
-    with caplog.at_level(logging.WARNING, logger="models.data.criteo"):
+    with caplog.at_level(logging.WARNING, logger="ranksearch.models.data.criteo"):
         data = load_criteo(path, table_sizes=SMALL_SIZES, test_fraction=0)
     assert data.skipped == {"field_count": 2, "bad_label": 3, "bad_dense": 4, "bad_sparse": 3}
     assert_matches_reference(data, fields, SMALL_SIZES)  # the good lines survive, in order, CRLF stripped

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import ClassificationData, DatasetError, load_dataset
-from models.data.images import MNIST_FILES
+from ranksearch.models.data import ClassificationData, DatasetError, load_dataset
+from ranksearch.models.data.images import MNIST_FILES
 
 # --- digits ----------------------------------------------------------------------------------------
 

@@ -20,11 +20,11 @@ from torchrec import EmbeddingBagCollection  # noqa: E402
 from torchrec.models.dlrm import DLRM, DLRM_DCN  # noqa: E402
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
-from models.data.criteo import make_batch  # noqa: E402
-from models.rec_task import RecTask, binary_metrics  # noqa: E402
-from models.tensorized import FactorizedEmbeddingBag, factorized_layers  # noqa: E402
-from models.zoo import build_model  # noqa: E402
-from models.zoo.dlrm import build_dlrm, embedding_summary  # noqa: E402
+from ranksearch.models.data.criteo import make_batch  # noqa: E402
+from ranksearch.models.rec_task import RecTask, binary_metrics  # noqa: E402
+from ranksearch.models.tensorized import FactorizedEmbeddingBag, factorized_layers  # noqa: E402
+from ranksearch.models.zoo import build_model  # noqa: E402
+from ranksearch.models.zoo.dlrm import build_dlrm, embedding_summary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [3000, 1200, 700, 50, 20, 5]  # 3 tables >= min_rows=500 are factorized
@@ -189,8 +189,8 @@ FULL_SIZE_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
     torch.set_num_threads(1)
-    from models.data.criteo import KAGGLE_TABLE_SIZES, make_batch
-    from models.zoo.dlrm import build_dlrm, embedding_summary
+    from ranksearch.models.data.criteo import KAGGLE_TABLE_SIZES, make_batch
+    from ranksearch.models.zoo.dlrm import build_dlrm, embedding_summary
 
     def status(key):
         with open("/proc/self/status") as f:
@@ -238,7 +238,7 @@ def test_full_criteo_kaggle_config_builds_and_trains_in_little_memory():
 
 @pytest.fixture(scope="module")
 def synth():
-    from models.data import load_dataset
+    from ranksearch.models.data import load_dataset
 
     return load_dataset("synthetic-criteo", num_samples=3000, table_sizes=SYNTH_SIZES, seed=0)
 
@@ -296,7 +296,7 @@ def _check_record(r, method):
 
 @pytest.mark.parametrize("method", ["fixed", "lwiq"])
 def test_fit_dlrm_on_synthetic(synth, method):
-    from models.train import fit
+    from ranksearch.models.train import fit
 
     r = fit(method=method, budget=0.01, data=synth, **FIT)
     _check_record(r, method)
@@ -307,7 +307,7 @@ def test_fit_dlrm_on_synthetic(synth, method):
 
 
 def test_fit_dlrm_dense_baseline_and_mlp_tensorization(synth):
-    from models.train import fit
+    from ranksearch.models.train import fit
 
     dense = fit(method="dense", data=synth, **FIT)
     assert dense["ranks"] == {} and dense["compression"] == 1.0
@@ -322,7 +322,7 @@ def test_fit_dlrm_dense_baseline_and_mlp_tensorization(synth):
 
 
 def test_fit_rejects_format_in_model_options(synth):
-    from models.train import fit
+    from ranksearch.models.train import fit
 
     with pytest.raises(ValueError, match="model_options"):
         fit(method="fixed", data=synth, **{**FIT, "model_options": {"max_rank": 3}})
@@ -330,7 +330,7 @@ def test_fit_rejects_format_in_model_options(synth):
 
 def test_fit_dlrm_on_raw_criteo_tsv(tmp_path):
     """`criteo:PATH` end to end: raw TSV lines (some fields empty), hashed into small tables."""
-    from models.train import fit
+    from ranksearch.models.train import fit
 
     g = torch.Generator().manual_seed(0)
     lines = []
@@ -350,8 +350,8 @@ def test_fit_dlrm_on_raw_criteo_tsv(tmp_path):
 
 
 def test_saved_compressed_dlrm_reloads_without_dense_tables(synth, tmp_path):
-    from models.checkpoint import load_compressed
-    from models.train import fit
+    from ranksearch.models.checkpoint import load_compressed
+    from ranksearch.models.train import fit
 
     path = tmp_path / "dlrm.pt"
     r = fit(method="fixed", budget=0.01, data=synth, save=str(path),

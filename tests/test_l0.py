@@ -9,9 +9,9 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from models.rank_selection import make_method
-from models.rank_selection.base import tensorized_params
-from models.tensorized import FactorizedLinear
+from ranksearch.models.rank_selection import make_method
+from ranksearch.models.rank_selection.base import tensorized_params
+from ranksearch.models.tensorized import FactorizedLinear
 from rank_teacher import check_impossible_budget_is_a_clear_error, check_select_meets_budget, compress, fresh_masks, teacher_data, teacher_student, train
 
 N = 1024

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
-from models.rank_selection import BudgetError, make_method
-from models.rank_selection.base import minimum_params, tensorized_params
-from models.rank_selection.lwiq import LWIQRank, imprint_accuracy, pool_features
-from models.tensorized import FactorizedConv2d, FactorizedEmbeddingBag, FactorizedLinear, from_dense
+from ranksearch.models.rank_selection import BudgetError, make_method
+from ranksearch.models.rank_selection.base import minimum_params, tensorized_params
+from ranksearch.models.rank_selection.lwiq import LWIQRank, imprint_accuracy, pool_features
+from ranksearch.models.tensorized import FactorizedConv2d, FactorizedEmbeddingBag, FactorizedLinear, from_dense
 
 
 def batches(x, y, size):

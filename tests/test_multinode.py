@@ -30,8 +30,8 @@ def _main(storage: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from orchestrator import connect, run_search
-    from search_spaces import SpecError
+    from ranksearch.orchestrator import connect, run_search
+    from ranksearch.search_spaces import SpecError
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "resources": {"head_node": 1}, "include_dashboard": False})

@@ -2,7 +2,7 @@
 
 import pytest
 
-from models.rank_selection import make_method
+from ranksearch.models.rank_selection import make_method
 
 
 @pytest.mark.parametrize("name", ["bayesian", "l0"])

@@ -11,9 +11,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator import report
-from orchestrator.pareto import hypervolume, pareto_mask
-from orchestrator.report import LAYER_SCHEMA, TRIAL_SCHEMA, front_table, load_reports, write_reports
+from ranksearch.orchestrator import report
+from ranksearch.orchestrator.pareto import hypervolume, pareto_mask
+from ranksearch.orchestrator.report import LAYER_SCHEMA, TRIAL_SCHEMA, front_table, load_reports, write_reports
 
 FILES = ("trials.parquet", "layers.parquet", "pareto.parquet", "pareto.png")
 

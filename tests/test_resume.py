@@ -8,7 +8,7 @@ import sys
 import time
 
 from conftest import REPO
-from orchestrator.cli import main
+from ranksearch.orchestrator.cli import main
 
 TRIALS = 12
 
@@ -36,7 +36,7 @@ def test_resume_after_sigkill_loses_and_reruns_nothing(ray_session, tmp_path, ti
     # as when the machine running the driver dies.
     with open(tmp_path / "driver.out", "w") as out:
         driver = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.cli", "run", str(spec_path), "--storage", str(tmp_path / "runs"),
+            [sys.executable, "-m", "ranksearch.orchestrator.cli", "run", str(spec_path), "--storage", str(tmp_path / "runs"),
              "--name", "resume"],
             cwd=REPO, env={**os.environ, "RANKSEARCH_TRIAL_LOG": str(log)}, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -6,9 +6,9 @@ import json
 import pandas as pd
 import pytest
 
-from orchestrator import run_search
-from orchestrator.pareto import pareto_mask
-from search_spaces import load_spec
+from ranksearch.orchestrator import run_search
+from ranksearch.orchestrator.pareto import pareto_mask
+from ranksearch.search_spaces import load_spec
 
 
 def shortened_digits_quick() -> dict:

@@ -2,10 +2,10 @@
 
 from types import SimpleNamespace
 
-from orchestrator import run_search, search
-from orchestrator.plan import build_plan
-from orchestrator.records import ExperimentFiles
-from search_spaces import load_spec
+from ranksearch.orchestrator import run_search, search
+from ranksearch.orchestrator.plan import build_plan
+from ranksearch.orchestrator.records import ExperimentFiles
+from ranksearch.search_spaces import load_spec
 
 
 def test_failing_and_diverging_trials_are_recorded_and_the_rest_finish(ray_session, tmp_path, tiny_spec):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from models.tensorized.shapes import default_order, factorize, prime_factors, resolve_shape
+from ranksearch.models.tensorized.shapes import default_order, factorize, prime_factors, resolve_shape
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 10, 13, 64, 100, 128, 512, 784, 1000, 4096, 10**6, 10**7, 1000003, 999983])

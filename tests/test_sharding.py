@@ -24,7 +24,7 @@ def build_model(seed: int = 0):
     from torchrec.models.dlrm import DLRM
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-    from models.tensorized.collection import TTEmbeddingBagCollection
+    from ranksearch.models.tensorized.collection import TTEmbeddingBagCollection
 
     torch.manual_seed(seed)
     tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=DIM, num_embeddings=n, feature_names=[f"f{i}"])
@@ -64,11 +64,11 @@ def _sharded_vs_unsharded(rank: int, world: int) -> dict:
     from torchrec.distributed.sharding_plan import construct_module_sharding_plan, data_parallel, table_wise
     from torchrec.distributed.types import ShardingPlan
 
-    from models.distributed import (
+    from ranksearch.models.distributed import (
         ShardedTTEmbeddingBagCollection, TTEmbeddingBagCollectionSharder, default_sharders, plan_sharding,
         table_placement,
     )
-    from models.distributed.workers import slice_batch
+    from ranksearch.models.distributed.workers import slice_batch
 
     out: dict = {}
     # 1. TorchRec's planner with the TT estimators, planned on rank 0 and broadcast
@@ -195,7 +195,7 @@ def test_training_step_changes_only_what_it_should(two_ranks):
 
 def test_planner_sees_tt_tables_as_memory_light_and_compute_heavy():
     _quiet()
-    from models.distributed import default_sharders, make_planner, tt_tables
+    from ranksearch.models.distributed import default_sharders, make_planner, tt_tables
 
     model = build_model()
     planner = make_planner(model, world_size=2, batch_size=64)
@@ -214,9 +214,9 @@ def test_balanced_plan_and_kaggle_scale_planning():
     from torchrec.models.dlrm import DLRM
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-    from models.data.criteo import KAGGLE_TABLE_SIZES
-    from models.distributed import balanced_table_wise_plan, plan_sharding, table_placement, tt_tables
-    from models.tensorized.collection import TTEmbeddingBagCollection
+    from ranksearch.models.data.criteo import KAGGLE_TABLE_SIZES
+    from ranksearch.models.distributed import balanced_table_wise_plan, plan_sharding, table_placement, tt_tables
+    from ranksearch.models.tensorized.collection import TTEmbeddingBagCollection
 
     placed = table_placement(balanced_table_wise_plan(build_model(), world_size=2))[COLLECTION]
     assert {placed["t0"], placed["t1"]} == {0, 1}
@@ -238,7 +238,7 @@ def test_balanced_plan_and_kaggle_scale_planning():
 
 
 def test_slice_batch_splits_kjt_rows():
-    from models.distributed.workers import slice_batch, slice_kjt
+    from ranksearch.models.distributed.workers import slice_batch, slice_kjt
 
     dense, kjt, labels = make_batch(5, seed=3)
     parts = [slice_batch((dense, kjt, labels), r, 2) for r in range(2)]
@@ -254,8 +254,8 @@ def test_slice_batch_splits_kjt_rows():
 def test_sharder_contract():
     from torchrec.distributed.types import ShardingType
 
-    from models.distributed import TTEmbeddingBagCollectionSharder
-    from models.tensorized.collection import TTEmbeddingBagCollection
+    from ranksearch.models.distributed import TTEmbeddingBagCollectionSharder
+    from ranksearch.models.tensorized.collection import TTEmbeddingBagCollection
 
     sharder = TTEmbeddingBagCollectionSharder()
     model = build_model()
@@ -292,7 +292,7 @@ def test_fit_distributed_in_a_tune_trial(ray_session, tmp_path, monkeypatch):
     storage = str(tmp_path)
 
     def trainable(config):  # defined here: pickled by value for the trial actor
-        from models.distributed import fit_distributed
+        from ranksearch.models.distributed import fit_distributed
 
         record = fit_distributed(num_workers=2, use_gpu=False, cpus_per_worker=0.9, storage_path=storage,
                                  name="inner", **config)

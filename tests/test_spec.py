@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from models.rank_selection.hyperparams import METHOD_DEFAULTS, TRAIN_DEFAULTS
-from search_spaces import Spec, SpecError, is_distribution, list_presets, load_spec, preset_path
-from models.data import DATASETS as DATASET_KINDS
-from search_spaces.schema import DATASETS, SECTIONS, TRAIN_BOUNDS
+from ranksearch.models.rank_selection.hyperparams import METHOD_DEFAULTS, TRAIN_DEFAULTS
+from ranksearch.search_spaces import Spec, SpecError, is_distribution, list_presets, load_spec, preset_path
+from ranksearch.models.data import DATASETS as DATASET_KINDS
+from ranksearch.search_spaces.schema import DATASETS, SECTIONS, TRAIN_BOUNDS
 
 BASE = {
     "models": ["mlp"],

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.tensorized import (
+from ranksearch.models.tensorized import (
     FORMATS,
     FactorizedConv2d,
     FactorizedEmbedding,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from models.tensorized import (
+from ranksearch.models.tensorized import (
     FORMATS,
     FactorizedConv2d,
     FactorizedEmbedding,
@@ -437,7 +437,7 @@ def test_copy_save_and_load_keep_the_function(fmt):
 MEMORY_SCRIPT = textwrap.dedent(
     """
     import resource, sys, torch
-    from models.tensorized import FactorizedEmbeddingBag
+    from ranksearch.models.tensorized import FactorizedEmbeddingBag
     torch.set_num_threads(1)
     torch.manual_seed(0)
     def rss_mib():

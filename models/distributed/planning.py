@@ -44,7 +44,7 @@ from torchrec.distributed.planner.types import ParameterConstraints, Perf, Shard
 from torchrec.distributed.sharding_plan import construct_module_sharding_plan, table_wise
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 
-from models.tensorized.collection import TTEmbeddingBagCollection
+from ranksearch.models.tensorized.collection import TTEmbeddingBagCollection
 
 from .sharder import KERNEL_BY_SHARDING_TYPE, TTEmbeddingBagCollectionSharder, is_tt_table
 

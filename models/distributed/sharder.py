@@ -70,8 +70,8 @@ from torchrec.distributed.types import (
 from torchrec.modules.embedding_configs import EmbeddingTableConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from models.tensorized.collection import TTEmbeddingBagCollection
-from models.tensorized.layers import FactorizedEmbeddingBag
+from ranksearch.models.tensorized.collection import TTEmbeddingBagCollection
+from ranksearch.models.tensorized.layers import FactorizedEmbeddingBag
 
 __all__ = [
     "KERNEL_BY_SHARDING_TYPE",

@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.train import Trainer, fit
+from ranksearch.models.train import Trainer, fit
 
 __all__ = ["DistributedTrainer", "ShardedTask", "fit_distributed", "slice_batch", "slice_kjt", "train_worker"]
 
@@ -139,7 +139,7 @@ class ShardedTask:
 
 
 def _tt_collections(net: nn.Module) -> Dict[str, nn.Module]:
-    from models.tensorized.collection import TTEmbeddingBagCollection
+    from ranksearch.models.tensorized.collection import TTEmbeddingBagCollection
 
     return {path: m for path, m in net.named_modules() if isinstance(m, TTEmbeddingBagCollection)}
 
@@ -201,7 +201,7 @@ class DistributedTrainer(Trainer):
         from torchrec.distributed.model_parallel import DistributedModelParallel
         from torchrec.distributed.types import ShardingEnv
 
-        from models.tensorized import model_params
+        from ranksearch.models.tensorized import model_params
 
         from .planning import default_sharders, table_placement
 

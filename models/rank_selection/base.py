@@ -24,7 +24,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from models.tensorized import FactorizedLayer, factorized_layers
+from ranksearch.models.tensorized import FactorizedLayer, factorized_layers
 
 
 class BudgetError(ValueError):

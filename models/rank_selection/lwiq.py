@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.tensorized import FactorizedConv2d
+from ranksearch.models.tensorized import FactorizedConv2d
 
 from .base import RankMethod, check_budget_floor, resolve_budget
 from .hyperparams import METHOD_DEFAULTS

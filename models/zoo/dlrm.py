@@ -30,9 +30,9 @@ from torch import nn
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
-from models.tensorized import FactorizedLayer, factorized_layers
-from models.tensorized.collection import TTEmbeddingBagCollection
-from models.tensorized.names import FORMATS
+from ranksearch.models.tensorized import FactorizedLayer, factorized_layers
+from ranksearch.models.tensorized.collection import TTEmbeddingBagCollection
+from ranksearch.models.tensorized.names import FORMATS
 
 ARCHS = ("dlrm", "dcn")
 TABLE_OPTION_KEYS = ("format", "max_rank", "shape")
