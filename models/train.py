@@ -12,21 +12,21 @@ methods are compared at equal training cost:
 
 from __future__ import annotations
 
-import math
 import random
-import sys
 import time
-from typing import Callable
 
 import numpy as np
 import torch
-from torch import nn
 
-from ranksearch.models.rank_selection import make_method, resolve_budget
-from ranksearch.models.rank_selection.base import check_budget_floor, tensorized_dense_params, tensorized_params
+from ranksearch.models.rank_selection import make_method
+from ranksearch.models.rank_selection.budget import (
+    resolve_budget, tensorized_dense_params, tensorized_params, uniform_rank_for_budget,
+)
 from ranksearch.models.rank_selection.hyperparams import METHODS, TRAIN_DEFAULTS
 from ranksearch.models.tensorized import FORMATS, dense_model_params, factorized_layers, model_params, tensorize
 from ranksearch.models.zoo import build_model
+
+from .trainer import Trainer
 
 
 def _check_train_config(train: dict | None) -> dict:
@@ -66,88 +66,6 @@ def make_task(model_name: str, data, cfg: dict, device: torch.device):
     from ranksearch.models.tasks import ClassificationTask
 
     return ClassificationTask(data, batch_size=cfg["batch_size"], seed=cfg["seed"], device=device)
-
-
-class Trainer:
-    """Runs epochs, builds a fresh optimizer per phase (pruning replaces parameters),
-    reports each epoch, and stops a diverged run with a clear error."""
-
-    def __init__(self, net: nn.Module, task, cfg: dict, on_epoch: Callable[[dict], None] | None, progress: bool):
-        self.net, self.task, self.cfg = net, task, cfg
-        self.on_epoch, self.progress = on_epoch, progress
-        self.epoch = 0
-        self.total_epochs = cfg["epochs"] + cfg["finetune_epochs"]
-        self.restart_schedule(self.total_epochs)
-
-    def restart_schedule(self, span: int) -> None:
-        """Cosine from the full lr over the next `span` epochs. fit restarts it after pruning:
-        a pruned model must re-train at full lr, not at the tail of the search's schedule."""
-        self.schedule_start, self.schedule_span = self.epoch, max(span, 1)
-
-    def _optimizer(self, method, lr: float):
-        groups = [{"params": [p for p in self.net.parameters() if p.requires_grad], "lr": lr}]
-        if method is not None:
-            groups += method.param_groups(lr)
-        if self.cfg["optimizer"] == "sgd":
-            return torch.optim.SGD(groups, lr=lr, momentum=self.cfg["momentum"], weight_decay=self.cfg["weight_decay"])
-        return torch.optim.Adam(groups, lr=lr, weight_decay=self.cfg["weight_decay"])
-
-    def _lr(self, epoch: int) -> float:
-        if self.cfg["schedule"] == "none" or self.schedule_span <= 1:
-            return self.cfg["lr"]
-        return self.cfg["lr"] * 0.5 * (1 + math.cos(math.pi * (epoch - self.schedule_start) / self.schedule_span))
-
-    def run(self, epochs: int, phase: str, method=None) -> None:
-        if epochs <= 0:
-            return
-        optimizer = self._optimizer(method, self._lr(self.epoch))
-        for _ in range(epochs):
-            scale = self._lr(self.epoch) / self.cfg["lr"]
-            for group in optimizer.param_groups:
-                group.setdefault("base_lr", group["lr"])
-                group["lr"] = group["base_lr"] * scale
-            self.net.train()
-            start, losses = time.perf_counter(), []
-            for b, batch in enumerate(self.task.train_batches(self.epoch)):
-                loss = self.task.loss(self.net, batch)
-                if method is not None:
-                    loss = loss + method.penalty()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"training diverged: loss is {float(loss)} at epoch {self.epoch + 1}, batch {b}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if method is not None:
-                    method.step(self.epoch, b)
-                losses.append(float(loss.detach()))
-            if method is not None:
-                method.end_epoch(self.epoch)
-            self.epoch += 1
-            self._report(phase, float(np.mean(losses)) if losses else float("nan"), time.perf_counter() - start)
-
-    def _params(self) -> int:
-        return model_params(self.net)
-
-    def _report(self, phase: str, loss: float, seconds: float) -> None:
-        metrics = {f"val_{k}": v for k, v in self.task.validate(self.net).items()}
-        row = {"epoch": self.epoch, "phase": phase, "loss": loss, **metrics, "params": self._params(),
-               "epoch_time_s": seconds}
-        if self.progress:
-            shown = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
-            print(f"[{self.epoch}/{self.total_epochs}] {shown}", file=sys.stderr, flush=True)
-        if self.on_epoch is not None:
-            self.on_epoch(row)
-
-
-def uniform_rank_for_budget(layers: dict, budget_params: int) -> int:
-    """The largest rank r (on every edge, capped at each edge's max) whose layers fit the budget."""
-    check_budget_floor(layers, budget_params)
-    best = 1
-    for r in range(2, max(max(layer.max_ranks) for layer in layers.values()) + 1):
-        if sum(layer.params_at([min(r, m) for m in layer.max_ranks]) for layer in layers.values()) > budget_params:
-            break
-        best = r
-    return best
 
 
 def _tensorize(net, fmt, max_rank, init="random") -> dict:
@@ -225,15 +143,14 @@ def fit(*, model: str = "mlp", dataset: str = "digits", method: str = "fixed", f
             trainer.run(total, "train")
         else:
             rank_method = make_method(method, **(method_params or {})).to(dev)
-            rank_method.target_params = budget_params
-            rank_method.attach(net)
+            rank_method.attach(net, budget_params)
             search_start = time.perf_counter()
             search_epochs = min(rank_method.search_epochs(cfg["epochs"]), cfg["epochs"])
             trainer.restart_schedule(search_epochs)
             trainer.run(search_epochs, "search", rank_method)
             net.eval()
             rank_method.measure(net, task.heldout_batches())
-            rank_method.select(budget_params)
+            rank_method.select()
             rank_method.detach()
             method_state = rank_method.state()
             for layer in layers.values():

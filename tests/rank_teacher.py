@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ranksearch.models.rank_selection import BudgetError, RankMethod
-from ranksearch.models.rank_selection.base import minimum_params, resolve_budget, tensorized_params
+from ranksearch.models.rank_selection.budget import minimum_params, resolve_budget, tensorized_params
 from ranksearch.models.tensorized import FactorizedLinear
 
 
@@ -91,7 +91,7 @@ def task_loss(output, target):
 
 
 def train(model, method: RankMethod, data, epochs: int, lr: float, *, batch_size: int = 64,
-          held_out=None, target_params: int | None = None, seed: int = 0) -> RankMethod:
+          held_out=None, budget_params: int | None = None, seed: int = 0) -> RankMethod:
     """Attach, search for `epochs` epochs — the whole run is the rank search (task loss + penalty, Adam on the
     model and the method's own groups, `step` after every optimizer step, `end_epoch`), then
     `measure` on held-out batches (default: the training data). Selection is left to the caller.
@@ -100,16 +100,14 @@ def train(model, method: RankMethod, data, epochs: int, lr: float, *, batch_size
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train(model, method, data, epochs, lr, batch_size, held_out, target_params, seed)
+        return _train(model, method, data, epochs, lr, batch_size, held_out, budget_params, seed)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(model, method, data, epochs, lr, batch_size, held_out, target_params, seed):
+def _train(model, method, data, epochs, lr, batch_size, held_out, budget_params, seed):
     torch.manual_seed(seed)
-    method.attach(model)
-    if target_params is not None:
-        method.target_params = target_params
+    method.attach(model, budget_params)
     optimizer = torch.optim.Adam([{"params": list(model.parameters()), "lr": lr}, *method.param_groups(lr)])
     model.train()
     for epoch in range(epochs):

@@ -10,7 +10,7 @@ import torch
 from scipy.stats import norm
 
 from ranksearch.models.rank_selection import make_method
-from ranksearch.models.rank_selection.base import tensorized_params
+from ranksearch.models.rank_selection.budget import tensorized_params
 from ranksearch.models.tensorized import FactorizedLinear
 from rank_teacher import check_impossible_budget_is_a_clear_error, check_select_meets_budget, compress, fresh_masks, teacher_data, teacher_student, train
 
@@ -117,10 +117,10 @@ def test_freezes_exactly_when_target_is_reached():
     set_mu(method, [[0.3, -0.5, -1.5, -0.9], [-2.0, -0.2, -1.0, -3.0]])  # eval ranks [3, 2]
     at_gates = method.eval_params()
     assert at_gates == 9 * 3 + 9 * 3 * 2 + 9 * 2 + 27
-    method.target_params = at_gates - 1
+    method.budget_params = at_gates - 1
     method.step(0, 0)
     assert not method.frozen
-    method.target_params = at_gates
+    method.budget_params = at_gates
     method.step(0, 1)
     assert method.frozen and method.param_groups(1e-3) == []
     assert all(not mu.requires_grad for mu in method.mu.parameters())
@@ -133,7 +133,7 @@ def test_frozen_gates_stay_put_while_training_continues():
     teacher, student = teacher_student("ttm", seed=5)
     method = make_method("l0", lam=LAM["ttm"], **{**HP, "gate_lr": 2e-2})  # fast gates: the target comes early
     target = int(0.5 * tensorized_params({"": student}, effective=False))
-    train(student, method, teacher_data(teacher, N, seed=5), epochs=10, lr=3e-3, batch_size=32, target_params=target)
+    train(student, method, teacher_data(teacher, N, seed=5), epochs=10, lr=3e-3, batch_size=32, budget_params=target)
     assert method.frozen
     assert method.eval_params() <= target
     before = [mu.detach().clone() for mu in method.mu[0]]

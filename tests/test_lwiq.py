@@ -9,7 +9,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from ranksearch.models.rank_selection import BudgetError, make_method
-from ranksearch.models.rank_selection.base import minimum_params, tensorized_params
+from ranksearch.models.rank_selection.budget import minimum_params, tensorized_params
 from ranksearch.models.rank_selection.lwiq import LWIQRank, imprint_accuracy, pool_features
 from ranksearch.models.tensorized import FactorizedConv2d, FactorizedEmbeddingBag, FactorizedLinear, from_dense
 

@@ -51,7 +51,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ranksearch.models.train import Trainer, fit
+from ranksearch.models.train import fit
+from ranksearch.models.trainer import Trainer
 
 __all__ = ["DistributedTrainer", "ShardedTask", "fit_distributed", "slice_batch", "slice_kjt", "train_worker"]
 

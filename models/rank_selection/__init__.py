@@ -5,7 +5,8 @@
 
 from importlib import import_module
 
-from .base import BudgetError, RankMethod, prune_to_budget, resolve_budget
+from .base import RankMethod
+from .budget import BudgetError, prune_to_budget, resolve_budget, uniform_rank_for_budget
 from .hyperparams import METHOD_DEFAULTS, METHODS, TRAIN_DEFAULTS
 
 _CLASSES = {"bayesian": ("bayesian", "BayesianRank"), "l0": ("l0", "L0Rank"), "lwiq": ("lwiq", "LWIQRank")}
@@ -24,4 +25,4 @@ def make_method(name: str, **hyperparameters) -> RankMethod:
 
 
 __all__ = ["BudgetError", "METHODS", "METHOD_DEFAULTS", "RankMethod", "SEARCH_METHODS", "TRAIN_DEFAULTS",
-           "make_method", "prune_to_budget", "resolve_budget"]
+           "make_method", "prune_to_budget", "resolve_budget", "uniform_rank_for_budget"]

@@ -1,4 +1,4 @@
-"""The one interface every rank-selection method implements, and budget arithmetic.
+"""The one interface every rank-selection method implements (budget arithmetic: budget.py).
 
 A method attaches to a model's factorized layers from the outside (hooks on
 their `FactorizedTensor`s, its own parameters in its own module), adds a
@@ -6,12 +6,12 @@ penalty to the loss, updates itself after optimizer steps, and finally
 `select(budget)` leaves masks that keep the model at or under the budget.
 `fit` drives every method the same way:
 
-    method.attach(model)            # after tensorize, before the optimizer is built
+    method.attach(model, budget_params)  # after tensorize, before the optimizer is built
     for epoch in range(method.search_epochs(epochs)):
         loss = task_loss + method.penalty();  ...; optimizer.step(); method.step(epoch, batch)
         method.end_epoch(epoch)
     method.measure(model, held_out_batches)
-    method.select(budget_params)    # masks set, total <= budget (or BudgetError)
+    method.select()                 # masks set, total <= the attached budget (or BudgetError)
     method.detach()                 # hooks removed, function unchanged
     layer.prune() for every layer   # factors physically shrink
     ... the remaining epochs and the fine-tune train the pruned model without the method
@@ -19,83 +19,12 @@ penalty to the loss, updates itself after optimizer steps, and finally
 
 from __future__ import annotations
 
-from typing import Mapping
-
 import torch
 from torch import nn
 
 from ranksearch.models.tensorized import FactorizedLayer, factorized_layers
 
-
-class BudgetError(ValueError):
-    """The budget cannot be met (even rank 1 on every edge is larger)."""
-
-
-def tensorized_params(layers: Mapping[str, FactorizedLayer], effective: bool = True) -> int:
-    return sum(layer.num_parameters(effective) for layer in layers.values())
-
-
-def tensorized_dense_params(layers: Mapping[str, FactorizedLayer]) -> int:
-    return sum(layer.dense_parameters() for layer in layers.values())
-
-
-def resolve_budget(budget, layers: Mapping[str, FactorizedLayer]) -> int:
-    """Budget in parameters of the tensorized layers: a fraction in (0, 1] of their dense
-    count, or an absolute integer count >= 1."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise BudgetError(f"budget: expected a fraction in (0, 1] or a parameter count >= 1, got {budget!r}")
-    if isinstance(budget, float):
-        if not 0 < budget <= 1:
-            raise BudgetError(f"budget: fraction {budget} is outside (0, 1]; give an int for an absolute count")
-        return int(budget * tensorized_dense_params(layers))
-    if budget < 1:
-        raise BudgetError(f"budget: absolute parameter count must be >= 1, got {budget}")
-    return int(budget)
-
-
-def minimum_params(layers: Mapping[str, FactorizedLayer]) -> int:
-    """Parameters with one slice kept on every edge (the smallest any method can reach)."""
-    return sum(layer.params_at([1] * layer.weight.num_edges) for layer in layers.values())
-
-
-def check_budget_floor(layers: Mapping[str, FactorizedLayer], budget_params: int) -> None:
-    """BudgetError when even rank 1 on every edge is over the budget."""
-    floor = minimum_params(layers)
-    if budget_params < floor:
-        raise BudgetError(
-            f"budget: {budget_params} parameters is below the minimum {floor} (rank 1 on every edge of "
-            f"{len(layers)} tensorized layers)"
-        )
-
-
-@torch.no_grad()
-def prune_to_budget(layers: Mapping[str, FactorizedLayer], importance: Mapping[str, list[torch.Tensor]],
-                    budget_params: int) -> None:
-    """Drop the least important kept slices, one at a time across all layers, until the
-    tensorized layers fit `budget_params`. `importance[layer][edge]` scores each slice
-    (higher = keep); scores must be comparable across layers. Each edge keeps >= 1 slice.
-    """
-    check_budget_floor(layers, budget_params)
-    candidates = []  # (score, layer, edge, index)
-    for name, layer in layers.items():
-        for edge, scores in enumerate(importance[name]):
-            mask = layer.weight.mask(edge)
-            for i in torch.nonzero(mask != 0).flatten().tolist():
-                candidates.append((float(scores[i]), name, edge, i))
-    candidates.sort(key=lambda c: c[0])
-    total = tensorized_params(layers)
-    for _, name, edge, i in candidates:
-        if total <= budget_params:
-            break
-        layer = layers[name]
-        mask = layer.weight.mask(edge)
-        if int((mask != 0).sum()) <= 1:
-            continue
-        before = layer.num_parameters()
-        mask[i] = 0
-        total += layer.num_parameters() - before
-    if total > budget_params:  # only rank-1 edges left on the scored order: unreachable given the floor check
-        raise BudgetError(f"budget: could not reach {budget_params} parameters (at {total})")
+from .budget import prune_to_budget
 
 
 class RankMethod(nn.Module):
@@ -111,9 +40,14 @@ class RankMethod(nn.Module):
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise ValueError(f"search_fraction: expected a fraction in (0, 1], got {fraction!r}")
         self.layers: dict[str, FactorizedLayer] = {}
+        self.budget_params: int | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
-    def attach(self, model: nn.Module) -> None:
+    def attach(self, model: nn.Module, budget_params: int | None = None) -> None:
+        """Hook onto `model`'s factorized layers. `budget_params` (resolved by budget.resolve_budget)
+        is the one place a method learns its budget: budget-aware searches steer towards it and
+        `select()` ends at or under it."""
+        self.budget_params = budget_params
         self.layers = factorized_layers(model)
         if not self.layers:
             raise ValueError("model: has no factorized layers to select ranks for (was it tensorized?)")
@@ -162,9 +96,10 @@ class RankMethod(nn.Module):
         return None
 
     @torch.no_grad()
-    def select(self, budget_params: int) -> dict[str, list[int]]:
+    def select(self, budget_params: int | None = None) -> dict[str, list[int]]:
         """Set masks: the method's own choice, then least-important slices dropped until the
-        budget holds. Returns ranks per layer."""
+        budget (the attached one unless given) holds. Returns ranks per layer."""
+        budget_params = self._budget(budget_params)
         natural = self.natural_masks() or {}
         importance = self.importance()
         for name, keeps in natural.items():
@@ -176,6 +111,12 @@ class RankMethod(nn.Module):
                 weight.set_mask(edge, keep)
         prune_to_budget(self.layers, importance, budget_params)
         return {name: layer.ranks for name, layer in self.layers.items()}
+
+    def _budget(self, budget_params: int | None) -> int:
+        budget = self.budget_params if budget_params is None else budget_params
+        if budget is None:
+            raise ValueError(f"{self.name}: no budget; pass budget_params to attach() or select()")
+        return budget
 
     def state(self) -> dict:
         """JSON-able summary for the run record."""

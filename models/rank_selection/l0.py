@@ -14,8 +14,8 @@ penalty the relaxed budget itself, comparable across layers and models. Gates ar
 and a factor holds an edge once, so the expectation is exact: per factor, a product of expected
 ranks and mode sizes.
 
-When `freeze_at_target` and the parameter count at evaluation gates reaches `target_params`
-(set by fit from the budget; None never freezes), the gates freeze as in the authors' code: μ
+When `freeze_at_target` and the parameter count at evaluation gates reaches the attached budget
+(`attach(model, budget_params)`; None never freezes), the gates freeze as in the authors' code: μ
 stops training, gates turn deterministic and the penalty stops.
 """
 
@@ -37,7 +37,6 @@ class L0Rank(RankMethod):
         super().__init__(**hyperparameters)
         if not self.hp["sigma"] > 0:
             raise ValueError(f"sigma: the gate noise must be > 0, got {self.hp['sigma']!r}")
-        self.target_params: int | None = None
         self.frozen = False
         self._final_state: dict | None = None
 
@@ -101,8 +100,8 @@ class L0Rank(RankMethod):
 
     @torch.no_grad()
     def step(self, epoch: int, batch: int) -> None:
-        if (self.hp["freeze_at_target"] and not self.frozen and self.target_params is not None
-                and self.eval_params() <= self.target_params):
+        if (self.hp["freeze_at_target"] and not self.frozen and self.budget_params is not None
+                and self.eval_params() <= self.budget_params):
             self.freeze()
 
     def freeze(self) -> None:

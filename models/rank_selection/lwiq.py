@@ -68,7 +68,8 @@ from torch import nn
 
 from ranksearch.models.tensorized import FactorizedConv2d
 
-from .base import RankMethod, check_budget_floor, resolve_budget
+from .base import RankMethod
+from .budget import check_budget_floor, resolve_budget
 from .hyperparams import METHOD_DEFAULTS
 
 
@@ -252,10 +253,11 @@ class LWIQRank(RankMethod):
         return self._ranks(self._solve(budget))
 
     @torch.no_grad()
-    def select(self, budget_params) -> dict[str, list[int]]:
-        """Masks for `budget_params`: allocated ranks, largest-norm slices kept on each edge.
-        Every mask is rewritten, so earlier selections leave no trace."""
-        self.scale = self._solve(budget_params)
+    def select(self, budget_params: int | None = None) -> dict[str, list[int]]:
+        """Masks for `budget_params` (the attached budget unless given): allocated ranks,
+        largest-norm slices kept on each edge. Every mask is rewritten, so earlier selections
+        leave no trace."""
+        self.scale = self._solve(self._budget(budget_params))
         for name, ranks in self._ranks(self.scale).items():
             weight = self.layers[name].weight
             for edge, (r, norms) in enumerate(zip(ranks, slice_norms(weight))):
