@@ -33,15 +33,19 @@ LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's processes take 
 METRICS_REPORT_MS = 1000  # how often Ray exports metric values (its default, 10 s, hides a trial's end)
 
 
-def connect(spec: Spec, address: str | None) -> bool:
+def connect(spec: Spec, address: str | None, job_name: str | None = None) -> bool:
     """Use the Ray this process already joined, a cluster (`address`, else $RAY_ADDRESS, which a Ray
     job's driver has), or a new local Ray sized to this machine; check that a trial fits. True if
-    connected here (then the caller shuts down)."""
+    connected here (then the caller shuts down). `job_name` names the driver's job in the Ray
+    dashboard (its Jobs table shows the `job_name` metadata key; a submitted job keeps the name
+    it was submitted with)."""
     import ray
+    from ray.job_config import JobConfig
 
     started = not ray.is_initialized()
     if started:
-        quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+        quiet = {"logging_level": logging.WARNING, "log_to_driver": False,
+                 "job_config": JobConfig(metadata={"job_name": job_name} if job_name else None)}
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
             _check_reachable(address)

@@ -71,6 +71,7 @@ class MetricsHolder:
             tags = {"search": search, **tags}
             self._gauge(name, tuple(tags)).set(float(value), tags=tags)
             kept[(name, tuple(sorted(tags.items())))] = float(value)
+        print(progress_line(search, values), flush=True)  # the actor's log: the search's progress in the dashboard
         return len(values)
 
     def snapshot(self, search: str | None = None) -> dict:
@@ -81,6 +82,22 @@ class MetricsHolder:
 
     def where(self) -> dict:
         return {"node_id": __import__("ray").get_runtime_context().get_node_id(), "dashboard": self.dashboard_path}
+
+
+def progress_line(search: str, values: list[tuple[str, dict, float]]) -> str:
+    """'<search>: 2 of 5 done (ok 2, running 1, pending 2) | best accuracy: l0 0.91, lwiq 0.88'."""
+    counts, best, metric = Counter(), {}, None
+    for name, tags, value in values:
+        if name == "ranksearch_trials":
+            counts[tags["status"]] += int(value)
+        elif name == "ranksearch_best":
+            best[tags["method"]], metric = value, tags["metric"]
+    done = sum(counts[s] for s in FINISHED)
+    line = f"{search}: {done} of {sum(counts.values())} done ("
+    line += ", ".join(f"{s} {counts[s]}" for s in STATUSES if counts[s]) + ")"
+    if best:
+        line += f" | best {metric}: " + ", ".join(f"{m} {v:.4f}" for m, v in sorted(best.items()))
+    return line
 
 
 def metrics_actor(create: bool = True):

@@ -81,7 +81,8 @@ def head(tmp_path):
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()
                 time.sleep(0.5)
-        yield {"address": f"127.0.0.1:{gcs}", "metrics": metrics, "env": env, "temp_dir": temp_dir}
+        yield {"address": f"127.0.0.1:{gcs}", "metrics": metrics, "env": env, "temp_dir": temp_dir,
+               "dashboard": f"http://127.0.0.1:{dash}"}
     finally:
         proc.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
         try:
@@ -131,6 +132,12 @@ def test_metrics_during_and_after_a_search_on_a_ray_start_cluster(head, tmp_path
     dashboards = Path(head["temp_dir"], "session_latest", "metrics", "grafana", "dashboards")
     assert (dashboards / "default_grafana_dashboard.json").is_file()
     assert json.loads((dashboards / "ranksearch_grafana_dashboard.json").read_text())["uid"] == "ranksearch"
+    # The dashboard names the driver's job after the search; the actor's log shows the progress.
+    jobs = json.loads(urllib.request.urlopen(f"{head['dashboard']}/api/jobs/", timeout=10).read())
+    assert [j["metadata"].get("job_name") for j in jobs if j.get("driver_info")] == ["ranksearch:watched"]
+    logs = Path(head["temp_dir"], "session_latest", "logs")
+    actor_out = "".join(p.read_text(errors="replace") for p in logs.glob("worker-*.out"))
+    assert "watched: 3 of 3 done (ok 3) | best accuracy:" in actor_out
 
 
 PROBE = """
