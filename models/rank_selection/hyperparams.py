@@ -17,6 +17,10 @@ TRAIN_DEFAULTS = {
     "schedule": "cosine",  # cosine | none
     "finetune_epochs": 2,  # after pruning to the budget, at a restarted lr schedule
     "max_rank": 16,
+    # embedding tables: updated inside backward on the touched rows / core slices only (TorchRec-style);
+    # auto = the model's own default (DLRM: rowwise_adagrad), none = tables train with `optimizer`
+    "table_optimizer": "auto",  # auto | none | rowwise_adagrad | sgd | adam
+    "table_lr": 0.05,
     "seed": 0,
 }
 
