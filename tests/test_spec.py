@@ -207,7 +207,7 @@ INVALID = {
     "accuracy for dlrm": ({"models": ["dlrm"], "dataset": "synthetic-criteo", "objectives": ["accuracy"]}, "objectives[0].metric: 'accuracy' is not reported by DLRM runs"),
     "dlrm on digits": ({"models": ["dlrm"], "objectives": ["params"]}, "dataset: 'digits' does not fit model 'dlrm', which reads criteo:FILE_OR_DIR, synthetic-criteo"),
     "image model on criteo": ({"dataset": "criteo:data/criteo"}, "dataset: 'criteo:data/criteo' does not fit model 'mlp', which reads digits, mnist14, mnist:DIR, cifar10:DIR"),
-    "unknown dataset": ({"dataset": "mnsit:data/mnist"}, "dataset: expected one of: digits, mnist, cifar10, criteo, synthetic-criteo, got 'mnsit'; did you mean 'mnist'?"),
+    "unknown dataset": ({"dataset": "mnsit:data/mnist"}, "dataset: expected one of: digits, mnist14, mnist, cifar10, criteo, synthetic-criteo, got 'mnsit'; did you mean 'mnist'?"),
     "dataset without its location": ({"dataset": "mnist"}, "dataset: 'mnist' needs a location: mnist:DIR"),
     "dataset with a stray location": ({"dataset": "digits:data"}, "dataset: 'digits' takes no location"),
     "seed in dataset options": ({"dataset_options": {"max_train": 100, "seed": 1}}, "dataset_options.seed: set seeds with search.seeds"),
