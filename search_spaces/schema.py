@@ -28,6 +28,7 @@ from .values import Scalar, check, check_param, is_distribution
 DENSE = "dense"  # the uncompressed baseline: one trial per model, formats and budgets ignored
 DATASETS = {  # kind (models.data.DATASETS) -> how it is written; a ":" means it takes a location
     "digits": "digits",
+    "mnist14": "mnist14",
     "mnist": "mnist:DIR",
     "cifar10": "cifar10:DIR",
     "criteo": "criteo:FILE_OR_DIR",
@@ -76,6 +77,7 @@ TRAIN_BOUNDS = {
     "momentum": "non-negative",
     "weight_decay": "non-negative",
     "finetune_epochs": "non-negative",
+    "table_lr": "positive",
 }
 TRAIN_KEYS = tuple(k for k in TRAIN_DEFAULTS if k != "seed")  # seeds live in search.seeds
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # it names the run directory
