@@ -200,6 +200,10 @@ def _svg(model, points, fronts, colour, metric) -> str:
                 out.append(f"<line x1=\"{x:.1f}\" x2=\"{x:.1f}\" y1=\"{top}\" y2=\"{H - bottom}\" stroke=\"#eee\"/>")
                 out.append(f"<text x=\"{x:.1f}\" y=\"{H - bottom + 13}\" font-size=\"10\" text-anchor=\"middle\">"
                            f"{_eng(v)}</text>")
+    if not any(x0 <= math.log10(s * 10.0**k) <= x1 for k in range(math.floor(x0), math.ceil(x1) + 1) for s in (1, 2, 5)):
+        for v in (10**x0, 10**x1):  # a narrow range holds no 1-2-5 tick: label its ends
+            out.append(f"<text x=\"{px(v):.1f}\" y=\"{H - bottom + 13}\" font-size=\"10\" text-anchor=\"middle\">"
+                       f"{_eng(float(f'{v:.2g}'))}</text>")
     for i in range(5):
         v = y0 + (y1 - y0) * i / 4
         y = py(v)

@@ -1,13 +1,13 @@
 """Search metrics that outlive the driver: a detached named Ray actor holds the gauges.
 
-Ray exports a ray.util.metrics gauge only while the process that set it lives, and its
-metrics agent forgets a series two report intervals after the last export (20 s by
-default). Gauges set by the driver therefore vanished ~20 s after a search ended, even on a
-`ray start` cluster. Here the driver's Tune callback (SearchMetrics) sends each new set of
-values to one detached actor per cluster, `ranksearch:metrics` in namespace `ranksearch`
-(0 CPUs, placed on the head node when it can be), which sets the gauges and keeps every
-search's last values for as long as the cluster runs (`ray stop` ends it; on the local Ray a
-search starts for itself, it ends with the search).
+Ray's metrics agent forgets a gauge series two report intervals after it was last set
+(measured on Ray 2.60: a value set once is gone from /metrics ~5 s later at a 1 s interval,
+~20 s at the default 10 s), and a value set by the driver dies with it. Here the driver's
+Tune callback (SearchMetrics) sends each new set of values to one detached actor per
+cluster, `ranksearch:metrics` in namespace `ranksearch` (0 CPUs, placed on the head node
+when it can be), which sets the gauges, keeps every search's last values and sets them
+again every half report interval, so they stay readable for as long as the cluster runs
+(`ray stop` ends it; on the local Ray a search starts for itself, it ends with the search).
 
 Every node's metrics agent serves them at http://<node>:<metrics export port>/metrics,
 prefixed `ray_` (METRICS below, with their tags). Values change when a trial starts or ends
@@ -18,6 +18,7 @@ cluster: its `metrics_report_interval_ms`, 10 s unless set at `ray start`).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter, defaultdict
 
@@ -50,10 +51,24 @@ class MetricsHolder:
     """The detached actor: sets the gauges and keeps the last values per search."""
 
     def __init__(self):
+        import ray
+
         from .dashboard import install_dashboard
 
         self._gauges, self._values = {}, {}  # _values: search -> {(name, sorted tag items): value}
+        self._lock = threading.Lock()
         self.dashboard_path = install_dashboard()
+        period = max(ray._config.metrics_report_interval_ms(), 1000) / 2000  # half the export interval, s
+        threading.Thread(target=self._refresh, args=(period,), daemon=True, name="ranksearch-metrics").start()
+
+    def _refresh(self, period: float) -> None:
+        """Set every kept value again: the agent drops a series not set within two intervals."""
+        while True:
+            time.sleep(period)
+            with self._lock:
+                for kept in self._values.values():
+                    for (name, tags), value in kept.items():
+                        self._gauges[name].set(value, tags=dict(tags))
 
     def _gauge(self, name: str, tag_keys: tuple):
         """Made on first use, so a driver newer than this actor can add a metric."""
@@ -66,22 +81,21 @@ class MetricsHolder:
 
     def update(self, search: str, values: list[tuple[str, dict, float]]) -> int:
         """Set every (metric, tags, value); tags get `search`. Returns how many were set."""
-        kept = self._values.setdefault(search, {})
-        for name, tags, value in values:
-            tags = {"search": search, **tags}
-            self._gauge(name, tuple(tags)).set(float(value), tags=tags)
-            kept[(name, tuple(sorted(tags.items())))] = float(value)
+        with self._lock:
+            kept = self._values.setdefault(search, {})
+            for name, tags, value in values:
+                tags = {"search": search, **tags}
+                self._gauge(name, tuple(tags)).set(float(value), tags=tags)
+                kept[(name, tuple(sorted(tags.items())))] = float(value)
         print(progress_line(search, values), flush=True)  # the actor's log: the search's progress in the dashboard
         return len(values)
 
     def snapshot(self, search: str | None = None) -> dict:
         """{search: {"name{k=v,...}": value}}: what the gauges hold now (for tests and scripts)."""
-        return {s: {f"{name}{{{','.join(f'{k}={v}' for k, v in tags)}}}": value
-                    for (name, tags), value in kept.items()}
-                for s, kept in self._values.items() if search in (None, s)}
-
-    def where(self) -> dict:
-        return {"node_id": __import__("ray").get_runtime_context().get_node_id(), "dashboard": self.dashboard_path}
+        with self._lock:
+            return {s: {f"{name}{{{','.join(f'{k}={v}' for k, v in tags)}}}": value
+                        for (name, tags), value in kept.items()}
+                    for s, kept in self._values.items() if search in (None, s)}
 
 
 def progress_line(search: str, values: list[tuple[str, dict, float]]) -> str:

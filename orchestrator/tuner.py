@@ -50,6 +50,7 @@ def make_tuner(plan: Plan, spec: Spec, storage: str, name: str, resume: bool):
     from .trainable import run_trial
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), _resources(spec.resources))
+    trainable.__name__ = f"ranksearch:{name}"  # Tune's actors show it (the Repr column of the dashboard's Actors page)
     path = f"{storage.rstrip('/')}/{name}"
     if resume and tune.Tuner.can_restore(path):
         # Tune re-reads the old trials' result files and warns about those the killed driver never

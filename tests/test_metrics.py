@@ -4,14 +4,10 @@ runs and after its driver has exited; the local Ray ranksearch starts listens on
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -20,22 +16,13 @@ import pandas as pd
 import pytest
 import yaml
 
+from bench._ray_head import ray_head
 from conftest import REPO
 from ranksearch.orchestrator.metrics import METRICS
 from ranksearch.orchestrator.pareto import hypervolume
 
 SAMPLE = re.compile(r'^ray_(ranksearch_\w+)\{(.*)\} (\S+)$')
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def scrape(port: int, search: str) -> dict:
@@ -59,37 +46,8 @@ def value(sample: dict, name: str, **tags) -> float | None:
 @pytest.fixture
 def head(tmp_path):
     """`ray start --head` on loopback, its own ports and temp dir, exporting metrics every second."""
-    gcs, dash, client, agent, grpc, metrics, env_agent, nm, om = free_ports(9)
-    temp_dir = tempfile.mkdtemp(prefix="rs-ray-", dir="/tmp")  # short: Ray puts Unix sockets in it
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen(  # this interpreter's Ray (the `ray` script may belong to another environment)
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=1", f"--port={gcs}",
-         "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
-         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={env_agent}",
-         f"--node-manager-port={nm}", f"--object-manager-port={om}",
-         "--system-config=" + json.dumps({"metrics_report_interval_ms": 1000})],
-        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()
-                time.sleep(0.5)
-        yield {"address": f"127.0.0.1:{gcs}", "metrics": metrics, "env": env, "temp_dir": temp_dir,
-               "dashboard": f"http://127.0.0.1:{dash}"}
-    finally:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_head(tmp_path / "head.log") as info:
+        yield info
 
 
 def test_metrics_during_and_after_a_search_on_a_ray_start_cluster(head, tmp_path, tiny_spec):
@@ -114,10 +72,11 @@ def test_metrics_during_and_after_a_search_on_a_ray_start_cluster(head, tmp_path
 
     trials = pd.read_parquet(tmp_path / "runs" / "watched" / "report" / "trials.parquet")
     expected_hv = hypervolume(list(zip(trials.accuracy, trials.params / trials.dense_params)), [0.0, 1.0], ["max", "min"])
-    time.sleep(3.5)  # past the metrics agent's expiry (2 report intervals) of a series nobody re-exports
-    for _ in range(2):
+    # A gauge set once leaves /metrics ~5 s later (2 report intervals + export lag): still there at 12 s.
+    for wait in (3.0, 9.0):
+        time.sleep(wait)
         after = scrape(head["metrics"], "watched")  # the driver has exited: the actor holds them
-        assert value(after, "ranksearch_trials", method="fixed", status="ok") == 3
+        assert value(after, "ranksearch_trials", method="fixed", status="ok") == 3, after
         assert value(after, "ranksearch_trials", method="fixed", status="pending") == 0
         assert value(after, "ranksearch_trials", method="fixed", status="running") == 0
         assert value(after, "ranksearch_trials_total", method="fixed") == 3
@@ -127,7 +86,6 @@ def test_metrics_during_and_after_a_search_on_a_ray_start_cluster(head, tmp_path
             best = trials[trials.budget == row.budget].accuracy.max()
             assert value(after, "ranksearch_best_by_budget", budget=f"{row.budget:g}", metric="accuracy") == pytest.approx(best)
         assert value(after, "ranksearch_hypervolume", method="fixed") == pytest.approx(expected_hv)
-        time.sleep(1.5)
     # ranksearch's Grafana dashboard sits next to the ones Ray generated for this cluster.
     dashboards = Path(head["temp_dir"], "session_latest", "metrics", "grafana", "dashboards")
     assert (dashboards / "default_grafana_dashboard.json").is_file()
@@ -135,6 +93,10 @@ def test_metrics_during_and_after_a_search_on_a_ray_start_cluster(head, tmp_path
     # The dashboard names the driver's job after the search; the actor's log shows the progress.
     jobs = json.loads(urllib.request.urlopen(f"{head['dashboard']}/api/jobs/", timeout=10).read())
     assert [j["metadata"].get("job_name") for j in jobs if j.get("driver_info")] == ["ranksearch:watched"]
+    actors = json.loads(urllib.request.urlopen(f"{head['dashboard']}/api/v0/actors?detail=1&limit=100", timeout=10)
+                        .read())["data"]["result"]["result"]
+    names = {(a["class_name"], a.get("name") or a.get("repr_name")) for a in actors}
+    assert ("MetricsHolder", "ranksearch:metrics") in names and ("ImplicitFunc", "ranksearch:watched") in names, names
     logs = Path(head["temp_dir"], "session_latest", "logs")
     actor_out = "".join(p.read_text(errors="replace") for p in logs.glob("worker-*.out"))
     assert "watched: 3 of 3 done (ok 3) | best accuracy:" in actor_out
