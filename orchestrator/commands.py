@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -25,26 +26,44 @@ def _print_result(report_dir) -> None:
     print(front_table(report_dir))
 
 
+EXIT_FAILED = 1  # every trial failed: the search ran but measured nothing
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report it
+
+
+def _finish(result) -> int:
+    """Reports, then the exit code: 130 after Ctrl-C (with the resume command), 1 when every trial failed."""
+    _print_result(result.report_dir)
+    if result.interrupted or result.unfinished:
+        why = "interrupted" if result.interrupted else "stopped (time budget)"
+        print(f"\n{why}: {result.unfinished} trial(s) unfinished; continue with: "
+              f"ranksearch resume {shlex.quote(result.experiment_path)}", file=sys.stderr)
+        if result.interrupted:
+            return EXIT_INTERRUPTED
+    if result.first_error:
+        print(f"ranksearch: every trial failed; the first: {result.first_error}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
 def cmd_run(args) -> int:
     from .search import run_search
 
-    result = run_search(args.spec, storage_path=args.storage, name=args.name, address=args.address)
-    _print_result(result.report_dir)
-    return 0
+    return _finish(run_search(args.spec, storage_path=args.storage, name=args.name, address=args.address))
 
 
 def cmd_resume(args) -> int:
     from .search import resume_search
 
-    result = resume_search(args.dir, address=args.address)
-    _print_result(result.report_dir)
-    return 0
+    return _finish(resume_search(args.dir, address=args.address))
 
 
 def cmd_report(args) -> int:
     from .search import regenerate_reports
 
-    _print_result(regenerate_reports(args.dir))
+    report_dir, unreadable = regenerate_reports(args.dir)
+    _print_result(report_dir)
+    for trial_id, why in unreadable.items():
+        print(f"ranksearch report: left out an unreadable record: {why}", file=sys.stderr)
     return 0
 
 

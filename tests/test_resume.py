@@ -1,7 +1,9 @@
-"""Kill the driver mid-search with SIGKILL, resume: nothing finished is lost or run again."""
+"""Kill the driver mid-search with SIGKILL, resume: nothing finished is lost or run again;
+records that went missing or corrupt run again; nothing in the experiment folder is unpickled."""
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -48,15 +50,38 @@ def test_resume_after_sigkill_loses_and_reruns_nothing(ray_session, tmp_path, ti
             driver.wait()
     done_before = {p.stem: p.read_text() for p in records.glob("*.json")}
     assert len(done_before) < TRIALS, "the search finished before the kill: nothing left to resume"
-    assert list(experiment.glob("experiment_state-*.json")), "Tune saved no state: restore untested"
+    assert list(experiment.glob("experiment_state-*.json")), "Tune saved no state"
+
+    # Whoever can write the folder: a tuner.pkl that runs code when unpickled, one finished record
+    # deleted, one truncated mid-file.
+    marker = tmp_path / "pwned"
+    (experiment / "tuner.pkl").write_bytes(pickle.dumps(Payload(str(marker))))
+    deleted, truncated, *kept = sorted(done_before)
+    (records / f"{deleted}.json").unlink()
+    (records / f"{truncated}.json").write_text(done_before[truncated][:40])
 
     monkeypatch.setenv("RANKSEARCH_TRIAL_LOG", str(log))
     assert main(["resume", str(experiment)]) == 0
+    assert not marker.exists(), "resume unpickled tuner.pkl from the experiment folder"
 
     after = {p.stem: p.read_text() for p in records.glob("*.json")}
     assert len(after) == TRIALS
     assert all(json.loads(text)["status"] == "ok" for text in after.values())
-    assert {k: after[k] for k in done_before} == done_before  # finished before the kill: untouched
+    assert {k: after[k] for k in kept} == {k: done_before[k] for k in kept}  # finished before the kill: untouched
+    assert [p.name.split("-")[:-1] for p in (records / ".invalid").glob("*.json")] == [truncated.split("-")]
     started = log.read_text().split()
     assert set(started) == set(after)
-    assert all(started.count(key) == 1 for key in done_before), "a finished trial trained again"
+    assert all(started.count(key) == 1 for key in kept), "a finished trial trained again"
+    assert started.count(deleted) == started.count(truncated) == 2  # their records were gone: run again
+    unfinished = set(after) - set(done_before)
+    assert all(started.count(key) <= 2 for key in unfinished)  # at most the one cut short by the kill, then once
+
+
+class Payload:
+    """Unpickling this creates a file: proof that something unpickled it."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
