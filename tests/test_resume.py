@@ -85,3 +85,33 @@ class Payload:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def test_ctrl_c_writes_the_report_of_what_finished_and_says_how_to_resume(tmp_path, tiny_spec):
+    trials = 8
+    spec = tiny_spec(dataset_options={"max_train": 1000}, train={"epochs": 3, "finetune_epochs": 0, "max_rank": 4},
+                     search={"seeds": list(range(trials)), "max_concurrent": 1})
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(json.dumps(spec))
+    experiment = tmp_path / "runs" / "ctrlc"
+    with open(tmp_path / "driver.out", "w") as out:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "ranksearch.orchestrator.cli", "run", str(spec_path), "--storage", str(tmp_path / "runs"),
+             "--name", "ctrlc"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(lambda: len(list((experiment / "records").glob("*.json"))) >= 2, 300, "two finished trials")
+            os.killpg(driver.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+            rc = driver.wait(timeout=120)
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+    output = (tmp_path / "driver.out").read_text()
+    assert rc == 130, output
+    assert "Traceback" not in output, output
+    assert f"ranksearch resume {experiment}" in output
+    records = {p.stem: json.loads(p.read_text()) for p in (experiment / "records").glob("*.json")}
+    assert 2 <= len(records) < trials and all(r["status"] == "ok" for r in records.values())
+    import pandas as pd
+
+    reported = pd.read_parquet(experiment / "report" / "trials.parquet")
+    assert set(reported.trial_id) == set(records)
