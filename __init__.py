@@ -9,6 +9,9 @@ package-dir), so a user's own `models/` package is never shadowed. Names below l
 from importlib import import_module
 
 _PUBLIC = {  # name -> module that defines it
+    "compress": "ranksearch.models.compress",
+    "CompressResult": "ranksearch.models.compress",
+    "load": "ranksearch.models.checkpoint",
     "run_search": "ranksearch.orchestrator.search",
     "resume_search": "ranksearch.orchestrator.search",
     "SearchResult": "ranksearch.orchestrator.search",
@@ -20,6 +23,7 @@ _PUBLIC = {  # name -> module that defines it
     "FactorizedEmbedding": "ranksearch.models.tensorized",
     "FactorizedEmbeddingBag": "ranksearch.models.tensorized",
     "FactorizedTensor": "ranksearch.models.tensorized",
+    "FactorizedLayer": "ranksearch.models.tensorized",
 }
 
 __all__ = sorted(_PUBLIC)

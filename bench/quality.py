@@ -75,6 +75,11 @@ def _spread(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _mean_or_dash(values: list) -> float | str:
+    values = [v for v in values if v is not None]
+    return round(statistics.mean(values), 3) if values else "-"
+
+
 def _rows(records: list[dict]) -> list[dict]:
     """One row per cell: means over its seeds, the gap to the same model's dense mean."""
     cells: dict[tuple, list[dict]] = {}
@@ -94,6 +99,8 @@ def _rows(records: list[dict]) -> list[dict]:
             "tensorized_compression": (round(statistics.mean(r["tensorized_dense_params"] / r["tensorized_params"]
                                                              for r in rs), 1) if first["tensorized_params"] else "-"),
             "budget_met": all(r["budget_met"] is not False for r in rs), "ranks": first["ranks"],
+            # where the search itself left the model, over the budget (bayesian, l0; before select's cut)
+            "reached_over_budget": _mean_or_dash([r["method_state"].get("reached_over_budget") for r in rs]),
             "rank_search_time_s": round(statistics.mean(r["rank_search_time_s"] for r in rs), 2),
             "wall_time_s": round(statistics.mean(r["wall_time_s"] for r in rs), 2),
         })
@@ -102,16 +109,17 @@ def _rows(records: list[dict]) -> list[dict]:
 
 def _markdown(rows: list[dict], dataset: str) -> str:
     head = ("| model | method | format | budget | accuracy | Δ vs dense | params | compression | "
-            "tensorized compression | budget met | rank search s | wall s |")
+            "tensorized compression | budget met | reached / budget | rank search s | wall s |")
     lines = [f"Dataset: `{dataset}`; same training for every row (see bench/quality.py); "
-             f"accuracy = mean ± std over {rows[0]['seeds']} seed(s).", "", head, "|" + "---|" * 12]
+             f"accuracy = mean ± std over {rows[0]['seeds']} seed(s).", "", head, "|" + "---|" * 13]
     for r in rows:
         spread = f" ± {r['accuracy_std']:.4f}" if r["seeds"] > 1 else ""
         tensorized = f"{r['tensorized_compression']}×" if r["tensorized_compression"] != "-" else "-"
         lines.append(
             f"| {r['model']} | {r['method']} | {r['format']} | {r['budget'] if r['budget'] is not None else '-'} | "
             f"{r['accuracy']:.4f}{spread} | {r['delta_vs_dense']:+.4f} | {r['params']:,} | {r['compression']}× | "
-            f"{tensorized} | {r['budget_met']} | {r['rank_search_time_s']} | {r['wall_time_s']} |"
+            f"{tensorized} | {r['budget_met']} | {r['reached_over_budget']} | {r['rank_search_time_s']} | "
+            f"{r['wall_time_s']} |"
         )
     return "\n".join(lines)
 

@@ -1,13 +1,9 @@
 """`fit`: one training run of any method, ending at or under the budget, returning the
 result record every report and the CLI use (fields in DESIGN.md §2).
 
-Every compressed method trains for `epochs + finetune_epochs` epochs in total, so
-methods are compared at equal training cost:
-- dense: the uncompressed baseline.
-- fixed: the same rank on every edge, the largest that fits the budget, from the start.
-- posthoc: train dense for `epochs`, decompose at the fixed rank that fits, fine-tune.
-- bayesian, l0, lwiq: tensorize at max_rank, search ranks with the method for
-  `method.search_epochs(epochs)` epochs, select to the budget, prune, train the rest.
+`fit` builds a zoo model, its data and task; what each method does with them is its strategy
+(models/strategies.py: one registry, the baselines included), the same path `compress` takes
+for a user's own network.
 """
 
 from __future__ import annotations
@@ -18,11 +14,9 @@ import time
 import numpy as np
 import torch
 
-from ranksearch.models.rank_selection import make_method
-from ranksearch.models.rank_selection.budget import (
-    resolve_budget, tensorized_dense_params, tensorized_params, uniform_rank_for_budget,
-)
+from ranksearch.models.rank_selection.budget import tensorized_dense_params, tensorized_params
 from ranksearch.models.rank_selection.hyperparams import METHODS, TRAIN_DEFAULTS
+from ranksearch.models.strategies import Run, get_strategy
 from ranksearch.models.tensorized import FORMATS, dense_model_params, factorized_layers, model_params, tensorize
 from ranksearch.models.zoo import build_model
 
@@ -112,74 +106,39 @@ def fit(*, model: str = "mlp", dataset: str = "digits", method: str = "fixed", f
             kwargs.update(format=fmt, max_rank=cfg["max_rank"])
         return kwargs
 
-    net = build_model(model, **model_kwargs(None if method in ("dense", "posthoc") else format)).to(dev)
+    strategy = get_strategy(method)
+    net = build_model(model, **model_kwargs(None if strategy.builds_dense else format)).to(dev)
     trainer = trainer_cls(net, task, cfg, on_epoch, progress)
-    search_time, method_state, budget_params = 0.0, {}, None
-    total = cfg["epochs"] + cfg["finetune_epochs"]
-
-    if method == "dense":
-        trainer.run(total, "train")
-    elif method == "posthoc":
-        trainer.restart_schedule(cfg["epochs"])
-        trainer.run(cfg["epochs"], "dense")
-        search_start = time.perf_counter()
-        probe = build_model(model, **model_kwargs(format))
-        layers = _tensorize(probe, format, cfg["max_rank"])
-        budget_params = resolve_budget(budget, layers)
-        rank = uniform_rank_for_budget(layers, budget_params)
-        _tensorize(net, format, rank, init="decompose")
-        search_time = time.perf_counter() - search_start
-        trainer.restart_schedule(cfg["finetune_epochs"])
-        trainer.run(cfg["finetune_epochs"], "finetune")
-    else:
-        layers = _tensorize(net, format, cfg["max_rank"])
-        budget_params = resolve_budget(budget, layers)
-        if method == "fixed":
-            rank = uniform_rank_for_budget(layers, budget_params)
-            for layer in layers.values():
-                for edge, m in enumerate(layer.rank_masks):
-                    layer.weight.set_mask(edge, torch.arange(m.numel()) < rank)
-                layer.prune()
-            trainer.run(total, "train")
-        else:
-            rank_method = make_method(method, **(method_params or {})).to(dev)
-            rank_method.attach(net, budget_params)
-            search_start = time.perf_counter()
-            search_epochs = min(rank_method.search_epochs(cfg["epochs"]), cfg["epochs"])
-            trainer.restart_schedule(search_epochs)
-            trainer.run(search_epochs, "search", rank_method)
-            net.eval()
-            rank_method.measure(net, task.heldout_batches())
-            rank_method.select()
-            rank_method.detach()
-            method_state = rank_method.state()
-            for layer in layers.values():
-                layer.prune()
-            search_time = time.perf_counter() - search_start
-            trainer.restart_schedule(total - search_epochs)
-            trainer.run(cfg["epochs"] - search_epochs, "train")
-            trainer.run(cfg["finetune_epochs"], "finetune")
-
-    metrics = task.evaluate(net)
-    layers = factorized_layers(net)
-    record = {
-        "model": model, "dataset": dataset if isinstance(dataset, str) else getattr(data, "name", "custom"),
-        "format": None if method == "dense" else format, "method": method,
-        "budget": None if method == "dense" else budget, "seed": cfg["seed"], "config": {**cfg, **(method_params or {})},
-        "model_options": model_options,
-        **metrics,
-        "params": model_params(net), "dense_params": dense_model_params(net),
-        "tensorized_params": tensorized_params(layers), "tensorized_dense_params": tensorized_dense_params(layers),
-        "budget_params": budget_params,
-        "budget_met": None if budget_params is None else tensorized_params(layers) <= budget_params,
-        "ranks": {name: layer.ranks for name, layer in layers.items()},
-        "layers": [{"layer": name, **layer.describe()} for name, layer in layers.items()],
-        "method_state": method_state, "epochs_done": trainer.epoch,
-        "rank_search_time_s": search_time, "wall_time_s": time.perf_counter() - wall_start,
-    }
-    record["compression"] = record["dense_params"] / record["params"]
+    run = Run(net=net, task=task, trainer=trainer, cfg=cfg, format=format, budget=budget,
+              method_params=dict(method_params or {}), tensorize=_tensorize,
+              probe=lambda: _tensorize(build_model(model, **model_kwargs(format)), format, cfg["max_rank"]))
+    strategy.run(run)
+    record = run_record(run, strategy, task.evaluate(net), wall_start)
+    record = {"model": model, "dataset": dataset if isinstance(dataset, str) else getattr(data, "name", "custom"),
+              "model_options": model_options, **record}
     if save:
         from ranksearch.models.checkpoint import save_compressed
 
         save_compressed(save, net, record, model_kwargs(None if method == "dense" else format))
+    return record
+
+
+def run_record(run: Run, strategy, metrics: dict, wall_start: float) -> dict:
+    """The run-record fields every caller shares (DESIGN.md §2), from a finished run."""
+    net, cfg = run.net, run.cfg
+    layers = factorized_layers(net)
+    record = {
+        "format": run.format if strategy.compresses else None, "method": strategy.name,
+        "budget": run.budget if strategy.compresses else None, "seed": cfg["seed"],
+        "config": {**cfg, **run.method_params}, **metrics,
+        "params": model_params(net), "dense_params": dense_model_params(net),
+        "tensorized_params": tensorized_params(layers), "tensorized_dense_params": tensorized_dense_params(layers),
+        "budget_params": run.budget_params,
+        "budget_met": None if run.budget_params is None else tensorized_params(layers) <= run.budget_params,
+        "ranks": {name: layer.ranks for name, layer in layers.items()},
+        "layers": [{"layer": name, **layer.describe()} for name, layer in layers.items()],
+        "start_metrics": run.start_metrics, "method_state": run.method_state, "epochs_done": run.trainer.epoch,
+        "rank_search_time_s": run.search_time, "wall_time_s": time.perf_counter() - wall_start,
+    }
+    record["compression"] = record["dense_params"] / record["params"]
     return record

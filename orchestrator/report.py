@@ -1,4 +1,4 @@
-"""Search reports: trials.parquet, layers.parquet, pareto.parquet and pareto.png.
+"""Search reports: trials.parquet, layers.parquet, pareto.parquet, pareto.png and index.html.
 
 Every table is built with an explicit pyarrow schema so the columns and their
 types are the same whatever the trials returned (None-only columns, zero
@@ -27,6 +27,7 @@ from ranksearch.orchestrator.pareto import hypervolume, pareto_mask
 __all__ = [
     "ReportPaths",
     "write_reports",
+    "render_page",
     "load_reports",
     "front_table",
     "pareto_mask",
@@ -136,12 +137,14 @@ class ReportPaths:
     layers: Path
     pareto: Path
     plot: Path
+    page: Path
 
 
 def write_reports(
-    records: Iterable[Mapping], report_dir, *, objectives: Sequence[Mapping] | None = None
+    records: Iterable[Mapping], report_dir, *, objectives: Sequence[Mapping] | None = None, title: str | None = None
 ) -> ReportPaths:
-    """Write the four report files for `records` (one dict per trial) into `report_dir`.
+    """Write the five report files for `records` (one dict per trial) into `report_dir`;
+    `title` heads index.html (default: the folder above report_dir, the experiment's name).
 
     Everything is computed before the first file is written, so bad input
     raises without touching an existing report.
@@ -155,12 +158,37 @@ def write_reports(
 
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = ReportPaths(out, out / "trials.parquet", out / "layers.parquet", out / "pareto.parquet", out / "pareto.png")
+    paths = ReportPaths(out, out / "trials.parquet", out / "layers.parquet", out / "pareto.parquet", out / "pareto.png",
+                        out / "index.html")
     for table, path in ((trials, paths.trials), (layers, paths.layers), (pareto, paths.pareto)):
         _atomic_write(path, lambda tmp, t=table: pq.write_table(t, tmp))
     figure = _plot(trials, pareto, objectives)
     _atomic_write(paths.plot, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    page = _page(records, trials, pareto, objectives, title or out.resolve().parent.name, live=False)
+    _atomic_write(paths.page, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
     return paths
+
+
+def render_page(records: Sequence[Mapping], *, title: str, objectives: Sequence[Mapping] | None = None,
+                unfinished: Sequence[Mapping] = ()) -> str:
+    """index.html of a running search: the finished `records` with their fronts, plus `unfinished`
+    rows (trial_id, status running|pending, model, method, format, budget, ...) of trials still to end."""
+    records = list(records)
+    _check_records(records)
+    trials = _trials_table(records)
+    objectives = _resolve_objectives(objectives, trials)
+    return _page(records, trials, _pareto_table(trials, objectives), objectives, title, live=True,
+                 unfinished=unfinished)
+
+
+def _page(records, trials: pa.Table, pareto: pa.Table, objectives, title: str, *, live: bool, unfinished=()) -> str:
+    from .html_report import render_page as render
+
+    configs = {r["trial_id"]: r.get("config") or {} for r in records}
+    rows = [row | {"config": configs[row["trial_id"]]} for row in trials.to_pylist()] + [dict(u) for u in unfinished]
+    hv = _metadata(pareto.schema)["hypervolume"]["objectives"]
+    note = "hypervolume reference point: " + ", ".join(f"{d['value']} = {d['reference']:g}" for d in hv)
+    return render(rows, pareto.to_pylist(), objectives, title=title, live=live, hypervolume_note=note)
 
 
 def load_reports(report_dir) -> dict:

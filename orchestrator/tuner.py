@@ -49,6 +49,7 @@ def make_tuner(plan: Plan, spec: Spec, storage: str, name: str, todo: tuple[int,
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
+    from .live_report import LiveReport, slot_rows
     from .progress import SearchProgress
     from .trainable import run_trial
 
@@ -66,7 +67,7 @@ def make_tuner(plan: Plan, spec: Spec, storage: str, name: str, todo: tuple[int,
         name=name, storage_path=storage, verbose=0, stop=stopper,
         failure_config=tune.FailureConfig(max_failures=spec.search["max_failures"]),
         callbacks=[SearchProgress(name, tuple(slot.cell["method"] for slot in plan.slots), spec.objectives),
-                   JsonLoggerCallback()],
+                   LiveReport(plan.experiment_path, name, slot_rows(plan), spec.objectives), JsonLoggerCallback()],
     )
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config), scheduler
 

@@ -91,15 +91,18 @@ def task_loss(output, target):
 
 
 def train(model, method: RankMethod, data, epochs: int, lr: float, *, batch_size: int = 64,
-          held_out=None, budget_params: int | None = None, seed: int = 0) -> RankMethod:
+          held_out=None, budget_params: int | None = None, seed: int = 0, plan: bool = False) -> RankMethod:
     """Attach, search for `epochs` epochs — the whole run is the rank search (task loss + penalty, Adam on the
     model and the method's own groups, `step` after every optimizer step, `end_epoch`), then
     `measure` on held-out batches (default: the training data). Selection is left to the caller.
+    `plan`: tell the method the search is `epochs` long, as fit does (budget-aware cuts need it).
     Runs on one thread: on tensors this small, more threads only wait on each other (and on a
     busy machine they can make a step ten times slower)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        if plan:
+            method.search_epochs(epochs)
         return _train(model, method, data, epochs, lr, batch_size, held_out, budget_params, seed)
     finally:
         torch.set_num_threads(threads)

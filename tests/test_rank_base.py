@@ -36,3 +36,80 @@ def test_the_budget_is_handed_over_once_at_attach():
     method.attach(net, budget)
     method.select()
     assert tensorized_params(method.layers) <= budget
+
+
+# -- budget-aware search (schedule.py) -------------------------------------------------------------
+def _search(name, budget_fraction, epochs=12, **hp):
+    """A TTM student against a rank-[2, 3] teacher, searched towards a budget below the teacher's ranks."""
+    from rank_teacher import teacher_data, teacher_student, train
+
+    from ranksearch.models.rank_selection.budget import resolve_budget, tensorized_params
+
+    teacher, student = teacher_student("ttm", seed=0)
+    method = make_method(name, **hp)
+    budget = resolve_budget(budget_fraction, {"": student})
+    train(student, method, teacher_data(teacher, 512, seed=0), epochs=epochs, lr=3e-3, batch_size=32,
+          budget_params=budget, plan=True)
+    at_search_end = tensorized_params(method.layers)
+    method.select()
+    return method, budget, at_search_end
+
+
+@pytest.mark.parametrize("name", ["bayesian", "l0"])
+def test_budget_aware_search_reaches_the_budget_before_select(name):
+    method, budget, at_search_end = _search(name, 0.15)
+    state = method.state()
+    assert at_search_end <= budget  # the cuts of the search ended at the budget; select cut nothing more
+    assert state["reached_params"] == at_search_end and state["budget_params"] == budget
+    assert state["reached_over_budget"] <= 1.0
+    paper, budget, _ = _search(name, 0.15, preset="paper")
+    assert paper.state()["reached_over_budget"] > 1.5  # left to itself the method stops far above it
+
+
+def test_paper_preset_fills_in_defaults_but_not_explicit_values():
+    from ranksearch.models.rank_selection import resolve_preset
+    from ranksearch.models.rank_selection.hyperparams import METHOD_DEFAULTS
+
+    hp = resolve_preset("l0", {"preset": "paper", "lam": 0.5})
+    assert hp["budget_aware"] is False and hp["lam"] == 0.5
+    # a spec passes every default along: those still give way to the preset
+    assert resolve_preset("bayesian", {**METHOD_DEFAULTS["bayesian"], "preset": "paper"})["budget_aware"] is False
+    with pytest.raises(ValueError, match="preset"):
+        make_method("l0", preset="papr")
+
+
+@pytest.mark.parametrize("bad", [(0.8, 0.2), (-0.1, 0.5), (0.2, 1.5)])
+def test_cut_window_must_be_ordered_fractions(bad):
+    with pytest.raises(ValueError, match="cut_start"):
+        make_method("l0", cut_start=bad[0], cut_end=bad[1])
+
+
+# -- cost-aware selection (budget.prune_to_budget) --------------------------------------------------
+def _toy():
+    """Two TTM layers of one edge each: dropping a slice of `big` frees 512 parameters, of `small` 32."""
+    import torch
+    from torch import nn
+
+    from ranksearch.models.tensorized import FactorizedLinear
+
+    net = nn.ModuleDict({"big": FactorizedLinear(256, 256, format="ttm", max_rank=4, in_shape=[16, 16], out_shape=[16, 16]),
+                         "small": FactorizedLinear(16, 16, format="ttm", max_rank=4, in_shape=[4, 4], out_shape=[4, 4])})
+    importance = {"big": [torch.tensor([1.0, 0.9, 0.8, 0.7])], "small": [torch.tensor([1.0, 0.6, 0.5, 0.4])]}
+    return factorized_layers(net), importance
+
+
+@pytest.mark.parametrize("cost_power", [0.0, 0.5, 1.0])
+def test_cost_aware_cut_keeps_the_cheap_important_slices(cost_power):
+    from ranksearch.models.rank_selection import prune_to_budget
+    from ranksearch.models.rank_selection.budget import tensorized_params
+
+    layers, importance = _toy()
+    budget = tensorized_params(layers) - 512  # one slice of the big layer is enough
+    prune_to_budget(layers, importance, budget, cost_power=cost_power)
+    assert tensorized_params(layers) <= budget
+    ranks = {name: layer.ranks for name, layer in layers.items()}
+    if cost_power == 0:  # importance alone spends the small layer's slices first, saving 32 each
+        assert ranks == {"big": [3], "small": [1]}
+    else:  # per parameter saved, the big layer's weakest slice is the cheaper loss
+        assert ranks == {"big": [3], "small": [4]}
+        assert layers["big"].rank_masks[0].tolist() == [1, 1, 1, 0]  # and it is that weakest one

@@ -24,7 +24,8 @@ from torch import nn
 
 from ranksearch.models.tensorized import FactorizedLayer, factorized_layers
 
-from .budget import prune_to_budget
+from .budget import prune_to_budget, tensorized_params
+from .schedule import CutSchedule, cut_to
 
 
 class RankMethod(nn.Module):
@@ -41,6 +42,12 @@ class RankMethod(nn.Module):
             raise ValueError(f"search_fraction: expected a fraction in (0, 1], got {fraction!r}")
         self.layers: dict[str, FactorizedLayer] = {}
         self.budget_params: int | None = None
+        self.reached_params: int | None = None  # where the search left the model, before select's cut
+        self._planned_epochs = 0  # search epochs, from search_epochs(); 0: no gradual cuts
+        self._batches_per_epoch: int | None = None
+        self._last_batch: int | None = None
+        self._cuts = (CutSchedule(self.hp.get("cut_start", 0.2), self.hp.get("cut_end", 0.8))
+                      if self.hp.get("budget_aware") else None)
 
     # -- lifecycle -----------------------------------------------------------------------
     def attach(self, model: nn.Module, budget_params: int | None = None) -> None:
@@ -48,6 +55,8 @@ class RankMethod(nn.Module):
         is the one place a method learns its budget: budget-aware searches steer towards it and
         `select()` ends at or under it."""
         self.budget_params = budget_params
+        if self._cuts is not None:
+            self._cuts.origin = None
         self.layers = factorized_layers(model)
         if not self.layers:
             raise ValueError("model: has no factorized layers to select ranks for (was it tensorized?)")
@@ -68,15 +77,33 @@ class RankMethod(nn.Module):
         return torch.zeros(())
 
     def step(self, epoch: int, batch: int) -> None:
-        """After each optimizer step."""
+        """After each optimizer step. Budget-aware methods (schedule.py) cut towards the budget
+        here; subclasses call this after their own update."""
+        if batch == 0 and self._last_batch is not None:  # a new epoch: the last one's length is known
+            self._batches_per_epoch = self._last_batch + 1
+        self._last_batch = batch
+        if self._cuts is None or self.budget_params is None or not self._planned_epochs:
+            return
+        target = self._cuts.target(self.progress(epoch, batch), tensorized_params(self.layers), self.budget_params)
+        if target is not None:
+            cut_to(self.layers, self.importance(), target, self.hp.get("cost_power", 0.0))
+
+    def progress(self, epoch: int, batch: int) -> float:
+        """Fraction of the planned search done after this step (epoch-granular in the first
+        epoch, whose length is not known yet)."""
+        done = epoch + ((batch + 1) / self._batches_per_epoch if self._batches_per_epoch else 0.0)
+        return min(1.0, done / max(self._planned_epochs, 1))
 
     def end_epoch(self, epoch: int) -> None:
         """After each training epoch."""
 
     def search_epochs(self, epochs: int) -> int:
         """How many of the training epochs run with the method attached (the rank search):
-        `search_fraction` of them (all when the method has none), at least one."""
-        return min(epochs, max(1, round(epochs * self.hp.get("search_fraction", 1.0))))
+        `search_fraction` of them (all when the method has none), at least one. The budget-aware
+        cut schedule is planned over them."""
+        n = min(epochs, max(1, round(epochs * self.hp.get("search_fraction", 1.0))))
+        self._planned_epochs = n
+        return n
 
     def measure(self, model: nn.Module, batches) -> None:
         """Called once after the search epochs with held-out (x, y) batches (LWIQ measures here)."""
@@ -109,7 +136,8 @@ class RankMethod(nn.Module):
                 if not keep.any():  # the method dropped every slice: keep its best one
                     keep[int(torch.argmax(importance[name][edge]))] = True
                 weight.set_mask(edge, keep)
-        prune_to_budget(self.layers, importance, budget_params)
+        self.reached_params = tensorized_params(self.layers)
+        prune_to_budget(self.layers, importance, budget_params, cost_power=self.hp.get("cost_power", 0.0))
         return {name: layer.ranks for name, layer in self.layers.items()}
 
     def _budget(self, budget_params: int | None) -> int:
@@ -121,3 +149,11 @@ class RankMethod(nn.Module):
     def state(self) -> dict:
         """JSON-able summary for the run record."""
         return {}
+
+    def budget_state(self) -> dict:
+        """How close the search itself came to the budget: `reached_params` (the method's own masks
+        at select, before its cut) over `budget_params`."""
+        if self.reached_params is None or not self.budget_params:
+            return {}
+        return {"reached_params": self.reached_params, "budget_params": self.budget_params,
+                "reached_over_budget": round(self.reached_params / self.budget_params, 4)}

@@ -26,6 +26,11 @@ Choices (the paper leaves them open):
   threshold tuned on an MLP (λ² ≈ 1e-2), so every slice was "dropped" and DLRM tables fell
   to rank 1 (−0.039 AUC). Relative 1e-2 reproduces the MNIST MLP's absolute-1e-4 ranks
   (λ² gaps of two orders: 2e-3 → 5e-5) and is scale-free like `importance`.
+- Budget-aware search (`budget_aware`, the default; schedule.py): gradual cuts by relative λ²
+  (a global threshold that rises until the budget holds) from `cut_start` to `cut_end` of the
+  search, and a KL weight raised by dual ascent while the slices above `threshold` exceed the
+  budget: w = kl_weight · ramp · exp(ν), ν += dual_lr · log(natural params / budget) after
+  every step, clipped to [0, log max_kl_boost]. `preset: paper` turns both off.
 - Known pitfall (the authors' issue #1: TT "diverges" at their defaults): with the KL on from
   the first step and a large learning rate, the penalty shrinks the still-random slices faster
   than the data can claim them and every rank collapses to nothing (we saw it for TT and TTM at
@@ -42,6 +47,7 @@ Choices (the paper leaves them open):
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -135,6 +141,7 @@ class BayesianRank(RankMethod):
         if not 0 < self.hp["damping"] <= 1:
             raise ValueError(f"damping: expected a step size in (0, 1], got {self.hp['damping']!r}")
         self._epoch = 0
+        self.log_boost = 0.0  # ν: log of the KL weight's multiplier (dual ascent on the budget)
 
     def _attach(self) -> None:
         svi = self.hp["inference"] == "svi"
@@ -179,10 +186,21 @@ class BayesianRank(RankMethod):
 
     def penalty(self) -> torch.Tensor:
         factor = self.kl_factor()
-        return self.hp["kl_weight"] * factor * self.divergence() if factor > 0 else torch.zeros(())
+        weight = self.hp["kl_weight"] * factor * math.exp(self.log_boost)
+        return weight * self.divergence() if factor > 0 else torch.zeros(())
 
     def step(self, epoch: int, batch: int) -> None:
         self._update_lambdas(self.hp["damping"])
+        if self.hp["budget_aware"] and self.budget_params and self.kl_factor() > 0:
+            ratio = max(self.natural_params(), 1) / self.budget_params
+            self.log_boost = min(max(0.0, self.log_boost + self.hp["dual_lr"] * math.log(ratio)),
+                                 math.log(self.hp["max_kl_boost"]))
+        super().step(epoch, batch)
+
+    def natural_params(self) -> int:
+        """Parameters of the slices above the threshold (within the current masks)."""
+        return sum(layer.params_at([int((keep & (layer.weight.mask(e) != 0)).sum()) for e, keep in enumerate(keeps)])
+                   for (name, layer), keeps in zip(self.layers.items(), self.natural_masks().values()))
 
     def end_epoch(self, epoch: int) -> None:
         self._epoch = epoch + 1
@@ -205,6 +223,8 @@ class BayesianRank(RankMethod):
     def state(self) -> dict:
         lambdas = self._lambdas()
         return {
+            **self.budget_state(),
+            "kl_boost": math.exp(self.log_boost),
             "inference": self.hp["inference"],
             "kl_factor": self.kl_factor(),
             "lambda2": {name: [lam2.tolist() for lam2 in lams] for name, lams in lambdas.items()},

@@ -58,12 +58,44 @@ def check_budget_floor(layers: Mapping[str, FactorizedLayer], budget_params: int
 
 @torch.no_grad()
 def prune_to_budget(layers: Mapping[str, FactorizedLayer], importance: Mapping[str, list[torch.Tensor]],
-                    budget_params: int) -> None:
-    """Drop the least important kept slices, one at a time across all layers, until the
-    tensorized layers fit `budget_params`. `importance[layer][edge]` scores each slice
-    (higher = keep); scores must be comparable across layers. Each edge keeps >= 1 slice.
+                    budget_params: int, *, cost_power: float = 0.0) -> None:
+    """Drop kept slices, one at a time across all layers, until the tensorized layers fit
+    `budget_params`. `importance[layer][edge]` scores each slice (higher = keep, > 0 when
+    `cost_power` > 0); scores must be comparable across layers. Each edge keeps >= 1 slice.
+
+    The next slice dropped is the one with the lowest importance / saved**cost_power, `saved`
+    being the parameters its removal frees at the current ranks (recomputed as cores shrink: a
+    slice of an edge between two large cores frees 10-100x more than one of a small core).
+    cost_power 0 is importance alone; 1 is importance per parameter saved (greedy knapsack).
     """
     check_budget_floor(layers, budget_params)
+    total = tensorized_params(layers)
+    if cost_power == 0:
+        _prune_by_importance(layers, importance, budget_params, total)
+        return
+    while total > budget_params:
+        best = None  # (score, layer, edge, index, saved)
+        for name, layer in layers.items():
+            ranks = layer.ranks
+            now = layer.params_at(ranks)
+            for edge, scores in enumerate(importance[name]):
+                mask = layer.weight.mask(edge)
+                if ranks[edge] <= 1:
+                    continue
+                kept = torch.nonzero(mask != 0).flatten()
+                i = int(kept[torch.argmin(scores[kept])])
+                saved = now - layer.params_at([r - (e == edge) for e, r in enumerate(ranks)])
+                score = float(scores[i]) / max(saved, 1) ** cost_power
+                if best is None or score < best[0]:
+                    best = (score, name, edge, i, saved)
+        if best is None:  # every edge at rank 1: unreachable given the floor check
+            raise BudgetError(f"budget: could not reach {budget_params} parameters (at {total})")
+        _, name, edge, i, saved = best
+        layers[name].weight.mask(edge)[i] = 0
+        total -= saved
+
+
+def _prune_by_importance(layers, importance, budget_params: int, total: int) -> None:
     candidates = []  # (score, layer, edge, index)
     for name, layer in layers.items():
         for edge, scores in enumerate(importance[name]):
@@ -71,7 +103,6 @@ def prune_to_budget(layers: Mapping[str, FactorizedLayer], importance: Mapping[s
             for i in torch.nonzero(mask != 0).flatten().tolist():
                 candidates.append((float(scores[i]), name, edge, i))
     candidates.sort(key=lambda c: c[0])
-    total = tensorized_params(layers)
     for _, name, edge, i in candidates:
         if total <= budget_params:
             break

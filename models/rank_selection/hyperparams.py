@@ -32,6 +32,13 @@ METHOD_DEFAULTS = {
         "threshold": 1e-2,  # slices with lambda^2 at or below this times the edge's largest are dropped
         "init_log_sigma": -8.0,  # svi: posterior std starts tiny (exp(-8)), near the MAP point
         "search_fraction": 0.5,  # of train.epochs searched with the prior; the pruned model trains the rest
+        "max_kl_boost": 100.0,  # cap of the KL weight's dual multiplier
+        "budget_aware": True,  # drive the model to the budget during the search (schedule.py); paper: off
+        "cut_start": 0.2,  # gradual cuts from this fraction of the search epochs ...
+        "cut_end": 0.8,  # ... to this one, where the model reaches the budget and trains on at it
+        "dual_lr": 0.01,  # step of the dual variable (log-ratio of kept to budget parameters per optimizer step)
+        "cost_power": 0.0,  # cuts drop the lowest importance / (parameters saved)**cost_power
+        "preset": "default",  # default | paper (the paper's exact settings, PRESETS below)
     },
     "l0": {
         "lam": 1.0,  # times E[params]/params at max rank (paper: 0.1-1 on a per-edge count summed over edges)
@@ -40,6 +47,12 @@ METHOD_DEFAULTS = {
         "gate_lr": 1e-3,  # lr of the gate means (theirs: the same Adam lr as the weights)
         "freeze_at_target": True,  # stop training gates once eval gates meet the budget
         "search_fraction": 0.5,  # of train.epochs searched with the gates; the pruned model trains the rest
+        "budget_aware": True,  # drive the model to the budget during the search (schedule.py); paper: off
+        "cut_start": 0.2,  # gradual cuts from this fraction of the search epochs ...
+        "cut_end": 0.8,  # ... to this one, where the model reaches the budget and trains on at it
+        "dual_lr": 0.01,  # step of the dual variable (log-ratio of kept to budget parameters per optimizer step)
+        "cost_power": 0.0,  # cuts drop the lowest importance / (parameters saved)**cost_power
+        "preset": "default",  # default | paper (the paper's exact settings, PRESETS below)
     },
     "lwiq": {
         "warmup_epochs": 1,  # ordinary training before measuring, so features mean something
@@ -50,4 +63,13 @@ METHOD_DEFAULTS = {
     "fixed": {},
     "posthoc": {},
     "dense": {},
+}
+
+# `preset: paper` (CLI `--param preset=paper`): the papers' own settings, so faithfulness stays
+# measurable. A preset fills in what the run leaves at its default; a value set to anything else wins.
+PRESETS = {
+    "bayesian": {"paper": {"budget_aware": False, "inference": "svi", "hyperprior": "log_uniform",
+                           "kl_weight": 5e-5, "threshold": 1e-2}},
+    "l0": {"paper": {"budget_aware": False, "lam": 0.1, "sigma": 0.5, "shift": 1.2, "freeze_at_target": True}},
+    "lwiq": {"paper": {}},
 }

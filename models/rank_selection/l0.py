@@ -14,6 +14,12 @@ penalty the relaxed budget itself, comparable across layers and models. Gates ar
 and a factor holds an edge once, so the expectation is exact: per factor, a product of expected
 ranks and mode sizes.
 
+Budget-aware search (`budget_aware`, the default; schedule.py): gradual cuts by importance from
+`cut_start` to `cut_end` of the search, and a Lagrange multiplier ν on the expected parameter
+count (constrained L0, Louizos et al. 2018): the penalty weight is lam + ν, and after every step
+ν += dual_lr · log(E[params] / budget), floored at 0, so the pressure grows while the gates would
+keep more than the budget and relaxes once they keep less. `preset: paper` turns both off.
+
 When `freeze_at_target` and the parameter count at evaluation gates reaches the attached budget
 (`attach(model, budget_params)`; None never freezes), the gates freeze as in the authors' code: μ
 stops training, gates turn deterministic and the penalty stops.
@@ -38,6 +44,7 @@ class L0Rank(RankMethod):
         if not self.hp["sigma"] > 0:
             raise ValueError(f"sigma: the gate noise must be > 0, got {self.hp['sigma']!r}")
         self.frozen = False
+        self.nu = 0.0  # the dual variable of the budget constraint
         self._final_state: dict | None = None
 
     def _attach(self) -> None:
@@ -89,7 +96,7 @@ class L0Rank(RankMethod):
         return expected / sum(weight.num_parameters(effective=False) for weight in self._weights())
 
     def penalty(self) -> torch.Tensor:
-        return torch.zeros(()) if self.frozen else self.hp["lam"] * self.expected_fraction()
+        return torch.zeros(()) if self.frozen else (self.hp["lam"] + self.nu) * self.expected_fraction()
 
     def eval_params(self) -> int:
         """Parameters of the tensorized layers (biases included, as budgets count them) at eval gates."""
@@ -100,6 +107,11 @@ class L0Rank(RankMethod):
 
     @torch.no_grad()
     def step(self, epoch: int, batch: int) -> None:
+        if self.hp["budget_aware"] and not self.frozen and self.budget_params:
+            at_max = sum(weight.num_parameters(effective=False) for weight in self._weights())
+            expected = float(self.expected_fraction()) * at_max
+            self.nu = max(0.0, self.nu + self.hp["dual_lr"] * math.log(max(expected, 1.0) / self.budget_params))
+        super().step(epoch, batch)
         if (self.hp["freeze_at_target"] and not self.frozen and self.budget_params is not None
                 and self.eval_params() <= self.budget_params):
             self.freeze()
@@ -118,9 +130,11 @@ class L0Rank(RankMethod):
     # -- selection -----------------------------------------------------------------------
     @torch.no_grad()
     def importance(self) -> dict[str, list[torch.Tensor]]:
-        """(μ + shift)/σ, the probit of P(gate open): the same order and the same scale in every
-        layer, without the ties P itself has once open gates saturate near 1."""
-        return {name: [(mu + self.hp["shift"]) / self.hp["sigma"] for mu in self.mu[i]]
+        """softplus((μ + shift)/σ), of the probit of P(gate open): the same order and the same scale
+        in every layer, without the ties P itself has once open gates saturate near 1, and > 0 so
+        that it can be divided by a slice's cost (budget.prune_to_budget)."""
+        return {name: [torch.nn.functional.softplus((mu.detach() + self.hp["shift"]) / self.hp["sigma"])
+                       for mu in self.mu[i]]
                 for i, name in enumerate(self.layers)}
 
     @torch.no_grad()
@@ -141,7 +155,9 @@ class L0Rank(RankMethod):
         if self._final_state is not None:
             return self._final_state
         return {
+            **self.budget_state(),
             "frozen": self.frozen,
+            "dual": self.nu,
             "expected_fraction": float(self.expected_fraction()),
             "eval_params": self.eval_params(),
             "open_prob": {name: [self.open_prob(i, e).tolist() for e in range(self.layers[name].weight.num_edges)]

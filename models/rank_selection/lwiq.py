@@ -150,7 +150,8 @@ class LWIQRank(RankMethod):
     @torch.no_grad()
     def measure(self, model: nn.Module, batches) -> None:
         """Pooled features of every factorized layer on held-out batches, imprinted proxy
-        accuracies, and from them each layer's significance."""
+        accuracies, and from them each layer's significance. `model` is the attached model or
+        one with the same layer names (the trained dense network, the paper's setting)."""
         if not self.layers:
             raise RuntimeError("lwiq: attach(model) before measure()")
         start = time.perf_counter()
@@ -168,8 +169,16 @@ class LWIQRank(RankMethod):
                     feats[name].append(pool_features(output, size, spatial))
             return record
 
-        handles = [layer.register_forward_hook(hook(name, isinstance(layer, FactorizedConv2d)))
-                   for name, layer in self.layers.items()]
+        # hooked by name on `model` when it has the layer (the trained dense network a pretrained
+        # start was decomposed from carries the same names), else on the attached layer
+        def target(name):
+            try:
+                return model.get_submodule(name)
+            except AttributeError:
+                return self.layers[name]
+
+        handles = [layer.register_forward_hook(hook(name, isinstance(layer, (FactorizedConv2d, nn.Conv2d))))
+                   for name, layer in ((n, target(n)) for n in self.layers)]
         device = next(iter(self.layers.values())).weight.factors[0].device
         inputs, labels = [], []
         was_training = model.training

@@ -17,6 +17,9 @@ from torch import nn
 from .formats import build_tensor
 from .names import FORMATS
 from .shapes import default_order, resolve_shape
+from .tt_lookup import fused_rows
+
+FUSED_FORMATS = ("tt", "ttm")  # formats with a fused lookup (tt_lookup.py); the others use the einsum path
 
 
 def _check_common(format: str, **sizes) -> None:
@@ -225,10 +228,15 @@ class FactorizedEmbeddingBag(FactorizedLayer):
 
     Only the distinct ids of a batch are computed; pooling, offsets and
     per-sample weights then go through F.embedding_bag, so semantics match
-    nn.EmbeddingBag exactly. The table itself is never materialized.
+    nn.EmbeddingBag exactly. The table itself is never materialized. `tt` and `ttm`
+    tables use the fused lookup of `tt_lookup.py` (set `fused = False` for the einsum
+    reference); `table_update`, when a table optimizer (`table_optim.py`) sets it, updates
+    the touched core slices inside backward.
     """
 
     kind = "embedding_bag"
+    fused = True
+    table_update = None
 
     def __init__(self, num_embeddings, embedding_dim, *, format, max_rank, mode="sum", shape=None,
                  include_last_offset=False):
@@ -268,6 +276,12 @@ class FactorizedEmbeddingBag(FactorizedLayer):
         out = self.weight.gather_rows(self._digits(ids), col_modes)
         return out.reshape(ids.shape[0], math.prod(self.col_shape))[:, : self.embedding_dim]  # 0 ids is fine
 
+    def distinct_rows(self, unique: torch.Tensor) -> torch.Tensor:
+        """`rows` for distinct sorted ids (torch.unique's output): the fused path where there is one."""
+        if self.fused and self.format in FUSED_FORMATS:
+            return fused_rows(self.weight, unique, self.row_shape, self.table_update)[:, : self.embedding_dim]
+        return self.rows(unique)
+
     def dense_weight(self) -> torch.Tensor:
         """The whole (num_embeddings, embedding_dim) table: for tests and export of SMALL tables only."""
         w = self.weight.full().reshape(math.prod(self.row_shape), math.prod(self.col_shape))
@@ -285,7 +299,7 @@ class FactorizedEmbeddingBag(FactorizedLayer):
         """nn.Embedding semantics: rows for ids of any shape, (..., embedding_dim)."""
         self._check_ids(input)
         unique, inverse = torch.unique(input.reshape(-1), return_inverse=True)
-        return self.rows(unique)[inverse].reshape(*input.shape, self.embedding_dim)
+        return self.distinct_rows(unique)[inverse].reshape(*input.shape, self.embedding_dim)
 
     def forward(self, input, offsets=None, per_sample_weights=None):
         self._check_ids(input)
@@ -304,7 +318,7 @@ class FactorizedEmbeddingBag(FactorizedLayer):
             raise ValueError(f"per_sample_weights: only supported with mode='sum', this bag uses {self.mode!r}")
         unique, inverse = torch.unique(input, return_inverse=True)
         return F.embedding_bag(
-            inverse, self.rows(unique), offsets, mode=self.mode, per_sample_weights=per_sample_weights,
+            inverse, self.distinct_rows(unique), offsets, mode=self.mode, per_sample_weights=per_sample_weights,
             include_last_offset=include_last_offset,
         )
 

@@ -1,0 +1,144 @@
+"""The fused TT/TTM lookup equals the generic einsum path: forward and every gradient (cores,
+per-sample weights, gates, sampler), for tt and ttm, 2/3/4 row cores, every pooling mode,
+repeated and empty bags, masks; and its prefix tree is what it says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ranksearch.models.tensorized import FactorizedEmbeddingBag
+from ranksearch.models.tensorized.tt_lookup import PrefixTree
+
+from torch_fixtures import _one_thread, _seed  # noqa: F401  (autouse fixtures)
+
+SHAPES = {  # rows, dim, [row factors, dim factors]: 2, 3 and 4 cores, padded rows and columns
+    2: (37, 9, [[5, 8], [2, 5]]),
+    3: (60, 10, [[3, 4, 5], [2, 2, 3]]),
+    4: (45, 10, [[2, 3, 2, 4], [1, 2, 2, 3]]),
+}
+BAGS = (  # repeated ids, empty bags (first, middle, last), one id in a bag
+    torch.tensor([3, 3, 3, 36, 0, 7, 7, 12, 1, 2, 33, 5, 5, 0]),
+    torch.tensor([0, 0, 4, 4, 9, 10, 14]),
+)
+
+
+def _bag(fmt, cores, mode="sum", rank=3):
+    rows, dim, shape = SHAPES[cores]
+    return FactorizedEmbeddingBag(rows, dim, format=fmt, max_rank=rank, mode=mode, shape=shape).double()
+
+
+def _run(bag, fused, ids, offsets, psw=None, extra=()):
+    """Output and gradients of (output * fixed weights).sum() with respect to the cores and `extra`."""
+    bag.fused = fused
+    leaves = list(bag.parameters()) + list(extra)
+    out = bag(ids, offsets, psw)
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    grads = torch.autograd.grad((out * w).sum(), leaves, allow_unused=True)
+    return out.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]
+
+
+def _assert_same(a, b, tol=1e-10):
+    (out_a, grads_a), (out_b, grads_b) = a, b
+    assert out_a.shape == out_b.shape
+    torch.testing.assert_close(out_a, out_b, rtol=tol, atol=tol)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(ga, gb, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("fmt", ["tt", "ttm"])
+@pytest.mark.parametrize("cores", [2, 3, 4])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_forward_and_core_grads_equal_the_einsum_path(fmt, cores, mode):
+    bag = _bag(fmt, cores, mode)
+    ids, offsets = BAGS
+    ids = ids % bag.num_embeddings
+    _assert_same(_run(bag, True, ids, offsets), _run(bag, False, ids, offsets))
+    ids2 = torch.randint(0, bag.num_embeddings, (6, 5))  # 2-D: bags of equal length
+    _assert_same(_run(bag, True, ids2, None), _run(bag, False, ids2, None))
+
+
+@pytest.mark.parametrize("fmt", ["tt", "ttm"])
+@pytest.mark.parametrize("cores", [2, 3, 4])
+def test_per_sample_weight_grads_equal_the_einsum_path(fmt, cores):
+    bag = _bag(fmt, cores)
+    ids, offsets = BAGS
+    ids = ids % bag.num_embeddings
+    psw = torch.rand(len(ids), dtype=torch.float64, requires_grad=True)
+    _assert_same(_run(bag, True, ids, offsets, psw, [psw]), _run(bag, False, ids, offsets, psw, [psw]))
+
+
+@pytest.mark.parametrize("fmt", ["tt", "ttm"])
+def test_float32_matches_the_einsum_path(fmt):
+    bag = FactorizedEmbeddingBag(10**5, 16, format=fmt, max_rank=8)
+    ids = torch.randint(0, 10**5, (3000,))
+    ids[:1000] = ids[1000:2000]  # many repeats, shared prefixes
+    offsets = torch.arange(0, 3000, 3)
+    _assert_same(_run(bag, True, ids, offsets), _run(bag, False, ids, offsets), tol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["tt", "ttm"])
+def test_masks_gates_and_sampler_keep_working(fmt):
+    bag = _bag(fmt, 3, rank=4)
+    ids, offsets = BAGS
+    ids = ids % bag.num_embeddings
+    bag.weight.set_mask(1, torch.arange(bag.max_ranks[1]) != 1)
+    gates = [torch.rand(r, dtype=torch.float64, requires_grad=True) for r in bag.max_ranks]
+    bag.weight.slice_gates = lambda edge: gates[edge]
+    _assert_same(_run(bag, True, ids, offsets, extra=gates), _run(bag, False, ids, offsets, extra=gates))
+    bag.weight.slice_gates = None
+    noise = [torch.randn_like(f) for f in bag.weight.factors]
+    bag.weight.factor_sampler = lambda factors: [f + 0.1 * n for f, n in zip(factors, noise)]
+    bag.train()
+    sampled = _run(bag, True, ids, offsets)
+    _assert_same(sampled, _run(bag, False, ids, offsets))
+    bag.eval()  # the sampler only acts in training
+    assert not torch.allclose(_run(bag, True, ids, offsets)[0], sampled[0])
+
+
+@pytest.mark.parametrize("fmt", ["tt", "ttm"])
+def test_no_ids_and_all_bags_empty(fmt):
+    bag = _bag(fmt, 3)
+    empty = torch.zeros(0, dtype=torch.long)
+    out, grads = _run(bag, True, empty, torch.tensor([0, 0, 0]))
+    assert out.shape == (3, bag.embedding_dim) and not out.any()
+    assert all(not g.any() for g in grads)
+    assert bag.lookup(empty).shape == (0, bag.embedding_dim)
+
+
+@pytest.mark.parametrize("fmt", ["tt", "ttm"])
+def test_lookup_and_gradcheck(fmt):
+    bag = _bag(fmt, 3, rank=2)
+    ids = torch.tensor([[5, 5, 59], [0, 12, 13]])
+    torch.testing.assert_close(bag.lookup(ids), bag.dense_weight()[ids], rtol=1e-10, atol=1e-10)
+    params = [p.detach().clone().requires_grad_() for p in bag.parameters()]
+    names = [n for n, _ in bag.named_parameters()]
+    f = lambda *ps: torch.func.functional_call(bag, dict(zip(names, ps)), (ids,))  # noqa: E731
+    assert torch.autograd.gradcheck(f, tuple(params), eps=1e-6, atol=1e-6)
+
+
+def test_prefix_tree_levels():
+    ids = torch.tensor([0, 1, 5, 6, 29])  # row shape [2, 3, 5]: digits (0,0,0) (0,0,1) (0,1,0) (0,1,1) (1,2,4)
+    tree = PrefixTree.of(ids, [2, 3, 5])
+    assert tree.sizes == [2, 3, 5]
+    assert tree.digits[0].tolist() == [0, 1]
+    assert tree.digits[1].tolist() == [0, 1, 2] and tree.parents[1].tolist() == [0, 0, 1]
+    assert tree.digits[2].tolist() == [0, 1, 0, 1, 4] and tree.parents[2].tolist() == [0, 0, 1, 1, 2]
+
+
+def test_no_per_lookup_copies_in_the_graph():
+    """One autograd node for the whole table lookup, whatever the batch size."""
+    bag = FactorizedEmbeddingBag(10**4, 16, format="ttm", max_rank=4)
+    out = bag(torch.randint(0, 10**4, (500,)), torch.arange(0, 500, 5))
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack += [n for n, _ in node.next_functions]
+    names = [type(n).__name__ for n in seen]
+    assert sum("FusedLookup" in n for n in names) == 1
+    assert not any("IndexSelect" in n or "Bmm" in n for n in names), names
+    assert isinstance(bag.weight.factors[0], nn.Parameter)
