@@ -17,6 +17,10 @@ TRAIN_DEFAULTS = {
     "schedule": "cosine",  # cosine | none
     "finetune_epochs": 2,  # after pruning to the budget, at a restarted lr schedule
     "max_rank": 16,
+    # embedding tables: updated inside backward on the touched rows / core slices only (TorchRec-style);
+    # auto = the model's own default (DLRM: rowwise_adagrad), none = tables train with `optimizer`
+    "table_optimizer": "auto",  # auto | none | rowwise_adagrad | sgd | adam
+    "table_lr": 0.05,
     "seed": 0,
 }
 
@@ -38,6 +42,7 @@ METHOD_DEFAULTS = {
         "cut_end": 0.8,  # ... to this one, where the model reaches the budget and trains on at it
         "dual_lr": 0.01,  # step of the dual variable (log-ratio of kept to budget parameters per optimizer step)
         "cost_power": 0.0,  # cuts drop the lowest importance / (parameters saved)**cost_power
+        "cost_scope": "layer",  # layer: cost compares layers, importance alone picks within one | edge
         "preset": "default",  # default | paper (the paper's exact settings, PRESETS below)
     },
     "l0": {
@@ -52,6 +57,7 @@ METHOD_DEFAULTS = {
         "cut_end": 0.8,  # ... to this one, where the model reaches the budget and trains on at it
         "dual_lr": 0.01,  # step of the dual variable (log-ratio of kept to budget parameters per optimizer step)
         "cost_power": 0.0,  # cuts drop the lowest importance / (parameters saved)**cost_power
+        "cost_scope": "layer",  # layer: cost compares layers, importance alone picks within one | edge
         "preset": "default",  # default | paper (the paper's exact settings, PRESETS below)
     },
     "lwiq": {
