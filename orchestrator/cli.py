@@ -38,7 +38,7 @@ def _add_train(sub) -> None:
 
     p = sub.add_parser("train", help="train one model with one rank-selection method at one budget")
     p.add_argument("--model", default="mlp", choices=MODELS)
-    p.add_argument("--dataset", default="digits", help="digits | mnist:DIR | cifar10:DIR | criteo:PATH | synthetic-criteo")
+    p.add_argument("--dataset", default="digits", help="digits | mnist14 | mnist:DIR | cifar10:DIR | criteo:PATH | synthetic-criteo")
     p.add_argument("--method", default="fixed", choices=METHODS)
     p.add_argument("--format", default="tt", choices=FORMATS)
     p.add_argument("--budget", type=_budget, default=0.1, help="fraction of dense tensorized params, or a count")

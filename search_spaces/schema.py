@@ -28,6 +28,7 @@ from .values import Scalar, check, check_param, is_distribution
 DENSE = "dense"  # the uncompressed baseline: one trial per model, formats and budgets ignored
 DATASETS = {  # kind (models.data.DATASETS) -> how it is written; a ":" means it takes a location
     "digits": "digits",
+    "mnist14": "mnist14",
     "mnist": "mnist:DIR",
     "cifar10": "cifar10:DIR",
     "criteo": "criteo:FILE_OR_DIR",

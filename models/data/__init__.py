@@ -1,4 +1,4 @@
-"""Data sets by spec string: `digits` (default, bundled), `mnist:DIR`, `cifar10:DIR`,
+"""Data sets by spec string: `digits` (default, bundled), `mnist14` (bundled 14x14 MNIST subset), `mnist:DIR`, `cifar10:DIR`,
 `criteo:FILE_OR_DIR`, `synthetic-criteo`.
 
 The Criteo side needs torchrec (seconds to import), so it is loaded only when asked for:
@@ -10,9 +10,9 @@ from __future__ import annotations
 from .common import DatasetError
 from .images import ClassificationData, load_cifar10, load_digits, load_mnist
 
-DATASETS = ("digits", "mnist", "cifar10", "criteo", "synthetic-criteo")
+DATASETS = ("digits", "mnist14", "mnist", "cifar10", "criteo", "synthetic-criteo")
 _NEEDS_PATH = {"mnist": "DIR", "cifar10": "DIR", "criteo": "FILE_OR_DIR"}
-_ACCEPTED = "digits, mnist:DIR, cifar10:DIR, criteo:FILE_OR_DIR, synthetic-criteo"
+_ACCEPTED = "digits, mnist14, mnist:DIR, cifar10:DIR, criteo:FILE_OR_DIR, synthetic-criteo"
 _LAZY = {
     "RecData": "criteo", "RecBatch": "criteo", "iter_criteo_batches": "criteo", "load_criteo": "criteo",
     "KAGGLE_TABLE_SIZES": "criteo", "NUM_DENSE": "criteo", "NUM_SPARSE": "criteo",
@@ -45,6 +45,10 @@ def load_dataset(spec: str, *, seed: int = 0, max_train: int | None = None, max_
     limits = dict(seed=seed, max_train=max_train, max_test=max_test)
     if kind == "digits":
         return load_digits(**limits, **kw)
+    if kind == "mnist14":
+        from .bundled import load_mnist14
+
+        return load_mnist14(**limits, **kw)
     if kind == "mnist":
         return load_mnist(arg, **limits, **kw)
     if kind == "cifar10":

@@ -105,6 +105,11 @@ class RankMethod(nn.Module):
         self._planned_epochs = n
         return n
 
+    def dense_warmup_epochs(self, epochs: int) -> int:
+        """Epochs the network trains dense before it is decomposed and the method attaches (0: it is
+        tensorized at max rank from the start). LWIQ's paper mode measures a trained network."""
+        return 0
+
     def measure(self, model: nn.Module, batches) -> None:
         """Called once after the search epochs with held-out (x, y) batches (LWIQ measures here)."""
 

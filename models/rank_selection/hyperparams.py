@@ -65,6 +65,8 @@ METHOD_DEFAULTS = {
         "measure_batches": 8,  # held-out batches: half imprint the proxy classifiers, half score them
         "pool_features": 512,  # pooled feature size per layer (conv maps keep a coarse grid within it)
         "min_share": 0.05,  # floor of each layer's significance, relative to the top layer, so no layer starves
+        "start": "tensorized",  # tensorized: warm up the max-rank model | dense: the paper (measure a trained net, decompose)
+        "preset": "default",  # default | paper (start dense, PRESETS below)
     },
     "fixed": {},
     "posthoc": {},
@@ -77,5 +79,5 @@ PRESETS = {
     "bayesian": {"paper": {"budget_aware": False, "inference": "svi", "hyperprior": "log_uniform",
                            "kl_weight": 5e-5, "threshold": 1e-2}},
     "l0": {"paper": {"budget_aware": False, "lam": 0.1, "sigma": 0.5, "shift": 1.2, "freeze_at_target": True}},
-    "lwiq": {"paper": {}},
+    "lwiq": {"paper": {"start": "dense", "warmup_epochs": 2}},
 }
