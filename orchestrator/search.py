@@ -81,7 +81,7 @@ def run_search(spec, *, storage_path=None, name=None, address=None, resume=False
     todo = tuple(slot.index for slot in plan.slots if slot.key not in done)
     stopper = InterruptStopper()
     if todo:
-        started = connect(spec, address)
+        started = connect(spec, address, job_name=f"ranksearch:{name}")
         import ray
 
         try:
