@@ -89,7 +89,3 @@ def kernel():
 def usable(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and kernel() is not None
 
-
-if __name__ == "__main__":  # `make install`: build ahead of time, say where
-    module = load(verbose="-v" in sys.argv)
-    print(f"fused TT kernel built: {build_dir()}")

@@ -15,49 +15,60 @@
 
 namespace {
 
+// out[0:n] += sum_k s[k * ss] * M[k * ld + 0:n]: every product of the lookup is one of these
+// (a row of A times B, a column of A times G, a row of G times B^T). The columns go in chunks of a
+// compile-time width whose accumulator stays in vector registers across the k loop.
+template <typename T, int C>
+inline int64_t acc_chunks(T* __restrict__ out, int64_t c0, int64_t n, const T* __restrict__ s, int64_t ss,
+                          const T* __restrict__ M, int64_t ld, int64_t K) {
+  for (; c0 + C <= n; c0 += C) {
+    T acc[C];
+#pragma omp simd
+    for (int c = 0; c < C; ++c) acc[c] = out[c0 + c];
+    for (int64_t k = 0; k < K; ++k) {
+      const T sk = s[k * ss];
+      const T* m = M + k * ld + c0;
+#pragma omp simd
+      for (int c = 0; c < C; ++c) acc[c] += sk * m[c];
+    }
+#pragma omp simd
+    for (int c = 0; c < C; ++c) out[c0 + c] = acc[c];
+  }
+  return c0;
+}
+
+template <typename T>
+inline void acc_rows(T* __restrict__ out, int64_t n, const T* __restrict__ s, int64_t ss, const T* __restrict__ M,
+                     int64_t ld, int64_t K) {
+  constexpr int V = 64 / sizeof(T);  // one 512-bit register
+  int64_t c0 = acc_chunks<T, 2 * V>(out, 0, n, s, ss, M, ld, K);
+  c0 = acc_chunks<T, V>(out, c0, n, s, ss, M, ld, K);
+  c0 = acc_chunks<T, V / 2>(out, c0, n, s, ss, M, ld, K);
+  c0 = acc_chunks<T, V / 4>(out, c0, n, s, ss, M, ld, K);
+  for (; c0 < n; ++c0) {
+    T acc = out[c0];
+    for (int64_t k = 0; k < K; ++k) acc += s[k * ss] * M[k * ld + c0];
+    out[c0] = acc;
+  }
+}
+
 template <typename T>
 inline void mm_acc(const T* a, const T* b, T* out, int64_t D, int64_t r, int64_t W) {
   // out (D x W) = a (D x r) @ b (r x W)
-  for (int64_t i = 0; i < D; ++i) {
-    T* o = out + i * W;
-#pragma omp simd
-    for (int64_t c = 0; c < W; ++c) o[c] = 0;
-    for (int64_t j = 0; j < r; ++j) {
-      const T aij = a[i * r + j];
-      const T* bj = b + j * W;
-#pragma omp simd
-      for (int64_t c = 0; c < W; ++c) o[c] += aij * bj[c];
-    }
-  }
+  for (int64_t i = 0; i < D * W; ++i) out[i] = 0;
+  for (int64_t i = 0; i < D; ++i) acc_rows(out + i * W, W, a + i * r, 1, b, W, r);
 }
 
 template <typename T>
 inline void grad_b_acc(const T* a, const T* gx, T* gb, int64_t D, int64_t r, int64_t W) {
   // gb (r x W) += a^T (r x D) @ gx (D x W)
-  for (int64_t i = 0; i < D; ++i) {
-    const T* g = gx + i * W;
-    for (int64_t j = 0; j < r; ++j) {
-      const T aij = a[i * r + j];
-      T* o = gb + j * W;
-#pragma omp simd
-      for (int64_t c = 0; c < W; ++c) o[c] += aij * g[c];
-    }
-  }
+  for (int64_t j = 0; j < r; ++j) acc_rows(gb + j * W, W, a + j, r, gx, W, D);
 }
 
 template <typename T>
 inline void grad_a_acc(const T* gx, const T* bt, T* ga, int64_t D, int64_t r, int64_t W) {
-  // ga (D x r) += gx (D x W) @ bt (W x r), bt = b^T: the inner loop runs over r, contiguous
-  for (int64_t i = 0; i < D; ++i) {
-    const T* g = gx + i * W;
-    T* o = ga + i * r;
-    for (int64_t c = 0; c < W; ++c) {
-      const T gc = g[c];
-      const T* btc = bt + c * r;
-#pragma omp simd
-      for (int64_t j = 0; j < r; ++j) o[j] += gc * btc[j];
-    }
-  }
+  // ga (D x r) += gx (D x W) @ bt (W x r), bt = b^T
+  for (int64_t i = 0; i < D; ++i) acc_rows(ga + i * r, r, gx + i * W, 1, bt, r, W);
 }
 
 // start[q] .. start[q+1]: the children of parent q (parents sorted, every parent has a child)
@@ -77,7 +88,8 @@ void forward_level(const torch::Tensor& prev, const torch::Tensor& block, const 
   const int64_t* dg = digits.data_ptr<int64_t>();
   const int64_t* pa = parents.data_ptr<int64_t>();
   const int64_t P = digits.numel(), sx = prev.size(1), sb = r * W, so = D * W;
-#pragma omp parallel for schedule(static)
+  const int threads = at::get_num_threads();  // torch.set_num_threads, whatever OpenMP runtime is loaded
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t p = 0; p < P; ++p) mm_acc(x + pa[p] * sx, b + dg[p] * sb, o + p * so, D, r, W);
 }
 
@@ -94,14 +106,11 @@ void backward_level(const torch::Tensor& prev, const torch::Tensor& block, const
   const int64_t* pa = parents.data_ptr<int64_t>();
   const int64_t P = digits.numel(), Pp = prev.size(0), sx = prev.size(1), sb = r * W, sg = D * W;
   const auto start = child_ranges(pa, P, Pp);
-  int threads = 1;
-#ifdef _OPENMP
-  threads = omp_get_max_threads();
-#endif
+  const int threads = at::get_num_threads();
   const int64_t nb = gblock.numel();
   std::vector<scalar_t> local(threads > 1 ? (threads - 1) * nb : 0, scalar_t(0));
   scalar_t* gb0 = gblock.data_ptr<scalar_t>();
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) if (threads > 1)
   {
     int t = 0;
 #ifdef _OPENMP
