@@ -148,8 +148,9 @@ class SearchMetrics(tune.Callback):
     actor (fire and forget; the last send is awaited so it lands before the driver exits).
     Tune pickles callbacks with its experiment state: the actor handle is not kept across it."""
 
-    def __init__(self, search: str, methods: tuple[str, ...], objectives: list[dict]):
+    def __init__(self, search: str, methods: tuple[str, ...], objectives: list[dict], before: dict | None = None):
         self.search, self.methods = search, methods  # methods: one per plan slot, by slot index
+        self.before = before or {}  # slot -> summary of a trial an earlier session finished (resume)
         self.metric, self.mode = objectives[0]["metric"], objectives[0]["mode"]
         self.hv = self.metric in BOUNDED and self.mode == "max" and {"metric": "params", "mode": "min"} in objectives
         self._actor = None
@@ -192,7 +193,9 @@ class SearchMetrics(tune.Callback):
         """[(metric, tags, value)] of the search now: `ended` is the trial whose event ("start",
         "complete", "error") this is (callbacks run before Tune updates its status)."""
         state = ["pending"] * len(self.methods)
-        results = {}
+        results = dict(self.before)
+        for slot, r in self.before.items():
+            state[slot] = r.get("status") or "ok"
         for t in trials:
             slot = t.config.get("slot")
             if slot is None or slot >= len(state):
