@@ -149,3 +149,27 @@ def test_local_ray_listens_on_loopback_only_and_reports_every_second(tiny_spec):
     assert seen["node_ip"] == "127.0.0.1" and seen["interval_ms"] == 1000
     assert all(seen["loopback"].values()), seen
     assert not any(seen["outside"].values()), seen  # /metrics, GCS and dashboard: nothing on other interfaces
+
+
+def test_values_count_trials_finished_before_a_resume():
+    """A resumed search runs only the trials without a record: the others still count, from their records."""
+    from types import SimpleNamespace
+
+    from ranksearch.orchestrator.metrics import SearchMetrics, progress_line
+
+    objectives = [{"metric": "accuracy", "mode": "max"}, {"metric": "params", "mode": "min"}]
+    before = {0: {"status": "ok", "method": "l0", "budget": 0.1, "accuracy": 0.9, "params": 10, "dense_params": 100}}
+    metrics = SearchMetrics("s", ("l0", "l0", "lwiq", "lwiq"), objectives, before)
+    running = SimpleNamespace(config={"slot": 1}, status="RUNNING", last_result={})
+    failed = SimpleNamespace(config={"slot": 2}, status="ERROR", last_result={})
+    got = {(name, tuple(sorted(tags.items()))): v for name, tags, v in metrics.values([running, failed])}
+    trials = {(t["method"], t["status"]): v for (name, tags), v in got.items() if name == "ranksearch_trials"
+              for t in [dict(tags)]}
+    assert trials[("l0", "ok")] == 1 and trials[("l0", "running")] == 1
+    assert trials[("lwiq", "failed")] == 1 and trials[("lwiq", "pending")] == 1
+    assert sum(trials.values()) == 4
+    assert got[("ranksearch_best", (("method", "l0"), ("metric", "accuracy")))] == 0.9
+    assert got[("ranksearch_best_by_budget", (("budget", "0.1"), ("metric", "accuracy")))] == 0.9
+    assert got[("ranksearch_hypervolume", (("method", "l0"),))] == pytest.approx(0.9 * 0.9)
+    assert progress_line("s", metrics.values([running, failed])).startswith(
+        "s: 2 of 4 done (ok 1, failed 1, running 1, pending 1) | best accuracy: l0 0.9000")
