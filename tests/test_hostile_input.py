@@ -3,6 +3,7 @@ Each is a clear error naming the file or argument (exit 2), never a traceback or
 
 import contextlib
 import json
+import struct
 import time
 
 import pandas as pd
@@ -147,3 +148,39 @@ def test_a_search_whose_every_trial_failed_exits_1_with_the_first_error(ray_sess
     assert main(["run", str(spec), "--storage", str(tmp_path), "--name", "fails"]) == 1
     err = capsys.readouterr().err
     assert "every trial failed; the first: mlp-tt-fixed-b0.001-s0-n0: BudgetError" in err
+
+
+def write_idx(path, magic, dims, data=b""):
+    path.write_bytes(struct.pack(">i", magic) + b"".join(struct.pack(">i", d) for d in dims) + data)
+
+
+@pytest.mark.parametrize("dims, expected", [
+    ((-1, 28, 28), "declares negative dimensions (-1, 28, 28)"),
+    ((2**31 - 1, 2**31 - 1, 2**31 - 1), "holds 0 data bytes, its header declares"),  # would overflow int64
+    ((0, 28, 28), "declares (0, 28, 28): no data"),
+])
+def test_mnist_headers_that_lie_name_the_file(tmp_path, dims, expected):
+    from ranksearch.models.data import DatasetError, load_dataset
+
+    for prefix in ("train", "t10k"):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", 2051, dims)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", 2049, (1,), b"\x01")
+    with pytest.raises(DatasetError) as info:
+        load_dataset(f"mnist:{tmp_path}")
+    assert expected in str(info.value) and "train-images-idx3-ubyte" in str(info.value)
+
+
+@pytest.mark.parametrize("payload", [
+    {"layers": [], "state_dict": {}, "model_kwargs": {}},
+    {"layers": {}, "state_dict": {}, "model_kwargs": {}},
+    {"layers": {}, "state_dict": {"w": 1}, "model_kwargs": {}, "model": "mlp"},
+    {"layers": {}, "state_dict": {}, "model_kwargs": {"foo": 1}, "model": "mlp"},
+], ids=["layers a list", "no model", "state_dict of ints", "foreign options"])
+def test_a_safe_but_foreign_checkpoint_is_not_a_ranksearch_model(tmp_path, payload):
+    import torch
+
+    from ranksearch.models.checkpoint import load_compressed
+
+    torch.save(payload, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="is not a ranksearch model"):
+        load_compressed(str(tmp_path / "foreign.pt"))
