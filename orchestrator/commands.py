@@ -53,7 +53,9 @@ def cmd_validate(args) -> int:
 
     from .plan import build_plan
 
-    spec = load_spec(args.spec)
+    from .usercode import UserCode, resolve_user_code
+
+    spec = resolve_user_code(load_spec(args.spec), UserCode(os.getcwd()))  # import paths first: exit 2 here
     plan = build_plan(spec, experiment_path="-")
     search, res = spec.search, spec.resources
     cells = {slot.cell_index for slot in plan.slots}
@@ -75,9 +77,15 @@ def cmd_submit(args) -> int:
     it runs the uploaded copy of the code (the job's working directory comes first on the
     path), where an installed script would import whatever copy the cluster installed."""
     from ranksearch.search_spaces import load_spec
+    from ranksearch.search_spaces.schema import is_user_model
 
-    load_spec(args.spec)  # a bad spec fails here, not minutes later on the cluster
-    entrypoint = ["python", "-m", "ranksearch.orchestrator.cli", "run", _spec_on_cluster(args.spec)]
+    from .usercode import UserCode, resolve_user_code
+
+    # a bad spec fails here, not minutes later on the cluster; a spec naming the user's own code
+    # ships the user's project (the current directory), where its import paths resolve
+    spec = resolve_user_code(load_spec(args.spec), UserCode(os.getcwd()))
+    root = Path.cwd() if any(is_user_model(m) for m in spec.models) or spec.task else PROJECT_DIR
+    entrypoint = ["python", "-m", "ranksearch.orchestrator.cli", "run", _spec_on_cluster(args.spec, root)]
     for flag, value in (("--storage", args.storage), ("--name", args.name)):
         if value:
             entrypoint += [flag, value]
@@ -85,7 +93,7 @@ def cmd_submit(args) -> int:
     os.environ["RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES"] = ""
     job_id = client.submit_job(
         entrypoint=shlex.join(entrypoint),
-        runtime_env={"working_dir": str(PROJECT_DIR), "excludes": SUBMIT_EXCLUDES},
+        runtime_env={"working_dir": str(root), "excludes": SUBMIT_EXCLUDES},
     )
     print(f"submitted {job_id}: {shlex.join(entrypoint)}")
     print(f"  follow: ray job logs --follow {job_id} --address {args.address}")
@@ -97,15 +105,15 @@ def cmd_submit(args) -> int:
     return 0 if status == "SUCCEEDED" else 1
 
 
-def _spec_on_cluster(spec: str) -> str:
+def _spec_on_cluster(spec: str, root: Path = PROJECT_DIR) -> str:
     """The spec as the job sees it: a preset name as is, a file relative to the uploaded project."""
     path = Path(spec).expanduser().resolve()
     if not path.is_file():
         return spec  # a preset name (load_spec accepted it)
-    if not path.is_relative_to(PROJECT_DIR):
-        raise ValueError(f"SPEC: {spec} is outside the project directory {PROJECT_DIR}, which is what the job "
+    if not path.is_relative_to(root):
+        raise ValueError(f"SPEC: {spec} is outside the project directory {root}, which is what the job "
                          "uploads; copy the spec into the project or use a preset name")
-    return path.relative_to(PROJECT_DIR).as_posix()
+    return path.relative_to(root).as_posix()
 
 
 def auth_token() -> str | None:
