@@ -40,7 +40,7 @@ class Plan:
     slots: tuple[Slot, ...]
     experiment_path: str  # local absolute path or URI; records live under it
     trial_log: str | None = None  # RANKSEARCH_TRIAL_LOG of the driver (see trainable.py)
-    code: object | None = None  # usercode.UserCode: where user factories resolve, Python objects by value
+    code: dict | None = None  # usercode.UserCode fields (plain data): where user code resolves; None: none used
 
     @property
     def report_epochs(self) -> bool:

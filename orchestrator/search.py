@@ -70,7 +70,7 @@ def run_search(spec, *, storage_path=None, name=None, address=None, resume=False
     storage = storage if is_uri(storage) else os.path.abspath(os.path.expanduser(storage))
     name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     experiment_path = f"{storage.rstrip('/')}/{name}"
-    plan = build_plan(spec, experiment_path, code)
+    plan = build_plan(spec, experiment_path, code.as_plan() if code.used_by(spec) else None)
     files = ExperimentFiles(experiment_path)
     if not resume and files.read_spec() is not None:
         raise ValueError(f"--name: experiment {experiment_path} exists; continue it with "

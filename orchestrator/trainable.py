@@ -119,7 +119,13 @@ def _fit(plan: Plan, slot: Slot, fit_kwargs: dict, on_epoch) -> dict:
 def _checkpoint(plan: Plan, model: str) -> str:
     given = plan.spec["checkpoint"]
     path = given if isinstance(given, str) else given[model]
-    return plan.code.path(path) if plan.code is not None else path
+    return _code(plan).path(path) if plan.code is not None else path
+
+
+def _code(plan: Plan):
+    from .usercode import UserCode
+
+    return UserCode(**plan.code)
 
 
 def _fit_user(plan: Plan, slot: Slot, fit_kwargs: dict, on_epoch) -> dict:
@@ -130,7 +136,7 @@ def _fit_user(plan: Plan, slot: Slot, fit_kwargs: dict, on_epoch) -> dict:
     from ranksearch.models.compress import compress
     from ranksearch.models.tasks import task_options
 
-    spec, code, label = plan.spec, plan.code, fit_kwargs["model"]
+    spec, code, label = plan.spec, _code(plan), fit_kwargs["model"]
     data = _user_dataset(code, spec["dataset"], json.dumps(spec["dataset_options"], sort_keys=True))
     net = code.model_factory(label)(**spec["model_options"])
     if spec["init"] == "pretrained":

@@ -26,6 +26,14 @@ class UserCode:
     project_dir: str
     objects: bytes | None = None  # cloudpickled {"models": {label: factory}, "dataset": f, "task": t}
 
+    def as_plan(self) -> dict:
+        """Plain data for the trial plan (the trials rebuild a UserCode from it)."""
+        return dataclasses.asdict(self)
+
+    def used_by(self, spec) -> bool:
+        return bool(self.objects) or spec.task is not None or any(is_user_model(m) for m in spec.models) \
+            or spec.init == "pretrained"
+
     def _objects(self) -> dict:
         if not self.objects:
             return {}
