@@ -1,4 +1,6 @@
-"""One registry per extension point: models, datasets, formats, methods.
+"""Registries of the extension points a user names in a spec: models and datasets. (The other
+two are registries of their own: formats in models/tensorized (names.py, build_tensor), methods
+in models/strategies.py, where every method, the baselines included, registers its strategy.)
 
 Each maps a name to "module:attribute" (so reading the names imports no torch: the spec schema
 and the CLI list them) or, for names a user registers at run time, to the object itself. A
@@ -66,15 +68,3 @@ DATASETS = Registry("dataset", {
     "synthetic-criteo": "ranksearch.models.data.builtin:synthetic",
 }, forms={"mnist": "mnist:DIR", "cifar10": "cifar10:DIR", "criteo": "criteo:FILE_OR_DIR"})
 REC_DATASETS = ("criteo", "synthetic-criteo")
-
-FORMATS = Registry("format", {
-    "cp": "ranksearch.models.tensorized.formats:CP",
-    "tucker": "ranksearch.models.tensorized.formats:Tucker",
-    "tt": "ranksearch.models.tensorized.formats:TensorTrain",
-    "ttm": "ranksearch.models.tensorized.formats:TensorTrain",
-})
-
-# every method, the baselines included, is a strategy on one lifecycle (models/strategies.py)
-METHODS = Registry("method", {name: f"ranksearch.models.strategies:{cls}" for name, cls in (
-    ("bayesian", "Search"), ("l0", "Search"), ("lwiq", "Search"), ("fixed", "Fixed"), ("posthoc", "Posthoc"),
-    ("dense", "Dense"))})
