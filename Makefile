@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps torchrec==1.8.0
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -c "import torch, fbgemm_gpu, torchrec, ray, optuna" 
+	$(PY) -c "from ranksearch.models.tensorized import tt_kernel; tt_kernel.load(); print(tt_kernel.build_dir())" || echo "fused TT kernel not built: tables use the PyTorch lookup path"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -62,6 +62,7 @@ REC_MODELS = ("dlrm",)
 # name -> loader(location, *, seed, max_train, max_test, **options); forms say which take a location
 DATASETS = Registry("dataset", {
     "digits": "ranksearch.models.data.builtin:digits",
+    "mnist14": "ranksearch.models.data.builtin:mnist14",
     "mnist": "ranksearch.models.data.builtin:mnist",
     "cifar10": "ranksearch.models.data.builtin:cifar10",
     "criteo": "ranksearch.models.data.builtin:criteo",

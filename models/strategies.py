@@ -18,6 +18,7 @@ the network trained at or under the budget. Every compressed strategy trains for
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -146,17 +147,25 @@ class Search(Strategy):
     def run(self, run: Run) -> None:
         cfg, trainer, net = run.cfg, run.trainer, run.net
         params = {**(PRETRAINED_DEFAULTS.get(self.name, {}) if run.pretrained else {}), **run.method_params}
-        layers = run.tensorize(net, run.format, cfg["max_rank"], "decompose" if run.pretrained else "random")
+        method = make_method(self.name, **params)
+        start = time.perf_counter()
+        # a method that measures a trained network (LWIQ `start: dense`, the paper) trains it dense first
+        dense_epochs = 0 if run.pretrained else min(method.dense_warmup_epochs(cfg["epochs"]), cfg["epochs"])
+        if dense_epochs:
+            trainer.restart_schedule(dense_epochs)
+            trainer.run(dense_epochs, "dense")
+            run.dense_reference = copy.deepcopy(net).eval()
+        decompose = run.pretrained or dense_epochs > 0
+        layers = run.tensorize(net, run.format, cfg["max_rank"], "decompose" if decompose else "random")
         run.budget_params = resolve_budget(run.budget, layers)
         device = next(iter(layers.values())).weight.factors[0].device
-        method = make_method(self.name, **params).to(device)
+        method = method.to(device)
         run.started()
         method.attach(net, run.budget_params)
-        start = time.perf_counter()
-        search_epochs = min(method.search_epochs(cfg["epochs"]), cfg["epochs"])
+        search_epochs = min(method.search_epochs(cfg["epochs"]), cfg["epochs"] - dense_epochs)
         trainer.restart_schedule(search_epochs)
         trainer.run(search_epochs, "search", method)
-        untouched = run.pretrained and search_epochs == 0 and run.dense_reference is not None
+        untouched = decompose and search_epochs == 0 and run.dense_reference is not None
         net.eval()
         method.measure(run.dense_reference if untouched else net, run.task.heldout_batches())
         method.select()
@@ -167,8 +176,8 @@ class Search(Strategy):
         if untouched:
             redecompose(net, run.dense_reference, run.format)
         run.search_time = time.perf_counter() - start
-        trainer.restart_schedule(run.total_epochs - search_epochs)
-        trainer.run(cfg["epochs"] - search_epochs, "train")
+        trainer.restart_schedule(run.total_epochs - search_epochs - dense_epochs)
+        trainer.run(cfg["epochs"] - search_epochs - dense_epochs, "train")
         trainer.run(cfg["finetune_epochs"], "finetune")
 
 

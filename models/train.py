@@ -19,6 +19,7 @@ from ranksearch.models.rank_selection.budget import tensorized_dense_params, ten
 from ranksearch.models.rank_selection.hyperparams import METHODS, TRAIN_DEFAULTS
 from ranksearch.models.strategies import INITS, Run, get_strategy
 from ranksearch.models.tensorized import FORMATS, dense_model_params, factorized_layers, model_params, tensorize
+from ranksearch.models.tensorized.table_optim import TABLE_OPTIMIZERS
 from ranksearch.models.zoo import build_model
 
 from .trainer import Trainer
@@ -34,6 +35,9 @@ def _check_train_config(train: dict | None) -> dict:
             raise ValueError(f"train.{key}: expected a positive integer, got {cfg[key]!r}")
     if cfg["optimizer"] not in ("adam", "sgd"):
         raise ValueError(f"train.optimizer: expected 'adam' or 'sgd', got {cfg['optimizer']!r}")
+    table_choices = ("auto", "none", *TABLE_OPTIMIZERS)
+    if cfg["table_optimizer"] not in table_choices:
+        raise ValueError(f"train.table_optimizer: expected one of {', '.join(table_choices)}, got {cfg['table_optimizer']!r}")
     if cfg["schedule"] not in ("cosine", "none"):
         raise ValueError(f"train.schedule: expected 'cosine' or 'none', got {cfg['schedule']!r}")
     return cfg

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ranksearch.models.tensorized import model_params
+from ranksearch.models.tensorized.table_optim import make_table_optimizer
 
 
 class Trainer:
@@ -32,6 +33,14 @@ class Trainer:
         a pruned model must re-train at full lr, not at the tail of the search's schedule."""
         self.schedule_start, self.schedule_span = self.epoch, max(span, 1)
 
+    def _table_optimizer(self):
+        """The fused sparse table optimizer of this phase (train.table_optimizer), or None. Its
+        parameters never get a .grad, so the dense optimizer below skips them."""
+        name = self.cfg.get("table_optimizer", "none")
+        if name == "auto":
+            name = getattr(self.net, "default_table_optimizer", "none")
+        return None if name == "none" else make_table_optimizer(name, self.cfg["table_lr"]).attach(self.net)
+
     def _optimizer(self, method, lr: float):
         groups = [{"params": [p for p in self.net.parameters() if p.requires_grad], "lr": lr}]
         if method is not None:
@@ -49,11 +58,21 @@ class Trainer:
         if epochs <= 0:
             return
         optimizer = self._optimizer(method, self._lr(self.epoch))
+        tables = self._table_optimizer()
+        try:
+            self._epochs(epochs, phase, method, optimizer, tables)
+        finally:
+            if tables is not None:
+                tables.detach()
+
+    def _epochs(self, epochs: int, phase: str, method, optimizer, tables) -> None:
         for _ in range(epochs):
             scale = self._lr(self.epoch) / self.cfg["lr"]
             for group in optimizer.param_groups:
                 group.setdefault("base_lr", group["lr"])
                 group["lr"] = group["base_lr"] * scale
+            if tables is not None:
+                tables.lr = self.cfg["table_lr"] * scale
             self.net.train()
             start, losses = time.perf_counter(), []
             for b, batch in enumerate(self.task.train_batches(self.epoch)):

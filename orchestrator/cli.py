@@ -49,6 +49,9 @@ def _add_train(sub) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--max-rank", type=int)
     p.add_argument("--optimizer", choices=("adam", "sgd"))
+    p.add_argument("--table-optimizer", choices=("auto", "none", "rowwise_adagrad", "sgd", "adam"),
+                   help="embedding tables: updated in backward on touched rows only (auto: DLRM rowwise_adagrad)")
+    p.add_argument("--table-lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--max-train", type=int, help="use at most this many training samples")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="method hyperparameter (repeatable)")
@@ -69,6 +72,7 @@ def cmd_train(args) -> int:
     train = {k: v for k, v in {
         "epochs": args.epochs, "finetune_epochs": args.finetune_epochs, "batch_size": args.batch_size,
         "lr": args.lr, "max_rank": args.max_rank, "optimizer": args.optimizer, "seed": args.seed,
+        "table_optimizer": args.table_optimizer, "table_lr": args.table_lr,
     }.items() if v is not None}
     options = _key_values(args.dataset_option, "--dataset-option")
     if args.max_train:

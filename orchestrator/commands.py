@@ -23,6 +23,10 @@ def _print_result(report_dir) -> None:
 
     print(f"\nreports: {report_dir}")
     print(front_table(report_dir))
+    if (Path(report_dir) / "cells.parquet").is_file():  # mean ± std per cell, paired test vs the best
+        from .cells import cells_text
+
+        print(f"\n{cells_text(report_dir)}")
 
 
 def cmd_run(args) -> int:

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ranksearch.orchestrator.cells import cells_table, draw_error_bars
 from ranksearch.orchestrator.pareto import hypervolume, pareto_mask
 
 __all__ = [
@@ -138,6 +139,7 @@ class ReportPaths:
     pareto: Path
     plot: Path
     page: Path
+    cells: Path | None = None
 
 
 def write_reports(
@@ -155,14 +157,15 @@ def write_reports(
     layers = _layers_table(records)
     objectives = _resolve_objectives(objectives, trials)
     pareto = _pareto_table(trials, objectives)
+    cells = cells_table(trials, objectives)  # cells.py: mean ± std over seeds, paired test vs the best cell
 
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = ReportPaths(out, out / "trials.parquet", out / "layers.parquet", out / "pareto.parquet", out / "pareto.png",
-                        out / "index.html")
-    for table, path in ((trials, paths.trials), (layers, paths.layers), (pareto, paths.pareto)):
+                        out / "index.html", out / "cells.parquet")
+    for table, path in ((trials, paths.trials), (layers, paths.layers), (pareto, paths.pareto), (cells, paths.cells)):
         _atomic_write(path, lambda tmp, t=table: pq.write_table(t, tmp))
-    figure = _plot(trials, pareto, objectives)
+    figure = _plot(trials, pareto, objectives, cells.to_pylist())
     _atomic_write(paths.plot, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
     page = _page(records, trials, pareto, objectives, title or out.resolve().parent.name, live=False)
     _atomic_write(paths.page, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
@@ -471,8 +474,9 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 # --- plot --------------------------------------------------------------------
 
 
-def _plot(trials: pa.Table, pareto: pa.Table, objectives: list[dict]):
-    """Objective vs params per model, one colour per method, each method's front as a staircase.
+def _plot(trials: pa.Table, pareto: pa.Table, objectives: list[dict], cells: Sequence[Mapping] = ()):
+    """Objective vs params per model, one colour per method, each method's front as a staircase,
+    and each cell's mean ± std over seeds as an error bar (cells of several seeds).
 
     Uses the object-oriented Figure API (Agg) so it never switches the pyplot
     backend of the process that calls it.
@@ -510,6 +514,7 @@ def _plot(trials: pa.Table, pareto: pa.Table, objectives: list[dict]):
             front = sorted((r["params"], r[y_metric]) for r in front_rows if r["group"] == f"{model}/{method}")
             if front:
                 ax.step(*zip(*front), where="post", color=colours[method], linewidth=1.2, marker="o", mfc="none", ms=7)
+            draw_error_bars(ax, list(cells), model, method, y_metric, colours[method])
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
     return fig

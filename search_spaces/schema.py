@@ -75,6 +75,7 @@ TRAIN_BOUNDS = {
     "momentum": "non-negative",
     "weight_decay": "non-negative",
     "finetune_epochs": "non-negative",
+    "table_lr": "positive",
 }
 TRAIN_KEYS = tuple(k for k in TRAIN_DEFAULTS if k != "seed")  # seeds live in search.seeds
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # it names the run directory

@@ -227,25 +227,26 @@ def test_paths_files_and_directory_layouts(tmp_path):
         load_criteo(tmp_path / "empty")
     with pytest.raises(DatasetError, match="missing.tsv not found; expected a raw TSV file"):
         load_criteo(tmp_path / "missing.tsv")
-    with pytest.raises(ValueError, match="table_sizes: expected 26 positive sizes"):
+    with pytest.raises(ValueError, match="table_sizes: expected .auto., .kaggle. or 26 positive sizes"):
         load_criteo(kaggle, table_sizes=[10] * 25)
 
 
 def test_split_and_max_rows(tmp_path):
     _, lines = good_lines(40, seed=4)
     path = write_lines(tmp_path / "t.tsv", lines)
-    data = load_criteo(path, max_rows=30)
+    data = load_criteo(path, max_rows=30, table_sizes="kaggle")
     assert len(data.labels) == 30 and data.num_test == 3  # the last 10 %
     assert data.split_range("train") == range(27) and data.split_range("test") == range(27, 30)
     assert data.table_sizes == KAGGLE_TABLE_SIZES and data.feature_names == list(DEFAULT_CAT_NAMES)
     assert int(data.sparse.max()) < max(KAGGLE_TABLE_SIZES)
-    via_spec = load_dataset(f"criteo:{path}", max_train=10, max_test=2, seed=5)
-    full = load_dataset(f"criteo:{path}")
+    via_spec = load_dataset(f"criteo:{path}", max_train=10, max_test=2, seed=5, table_sizes="kaggle")
+    full = load_dataset(f"criteo:{path}", table_sizes="kaggle")  # hashed: distinct values in column 0
     assert isinstance(via_spec, RecData) and len(via_spec.labels) == 12 and via_spec.num_test == 2
     rows = [full.sparse[:, 0].tolist().index(v) for v in via_spec.sparse[:, 0].tolist()]
     assert rows == sorted(rows) and max(rows[:10]) < 36 <= min(rows[10:])  # subsets of each split, order kept
     assert torch.equal(via_spec.sparse, full.sparse[rows])
-    assert torch.equal(load_dataset(f"criteo:{path}", max_train=10, max_test=2, seed=5).sparse, via_spec.sparse)
+    again = load_dataset(f"criteo:{path}", max_train=10, max_test=2, seed=5, table_sizes="kaggle")
+    assert torch.equal(again.sparse, via_spec.sparse)
 
 
 # --- batches ---------------------------------------------------------------------------------------

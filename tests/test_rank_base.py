@@ -99,13 +99,14 @@ def _toy():
 
 
 @pytest.mark.parametrize("cost_power", [0.0, 0.5, 1.0])
-def test_cost_aware_cut_keeps_the_cheap_important_slices(cost_power):
+@pytest.mark.parametrize("scope", ["layer", "edge"])
+def test_cost_aware_cut_keeps_the_cheap_important_slices(cost_power, scope):
     from ranksearch.models.rank_selection import prune_to_budget
     from ranksearch.models.rank_selection.budget import tensorized_params
 
     layers, importance = _toy()
     budget = tensorized_params(layers) - 512  # one slice of the big layer is enough
-    prune_to_budget(layers, importance, budget, cost_power=cost_power)
+    prune_to_budget(layers, importance, budget, cost_power=cost_power, cost_scope=scope)
     assert tensorized_params(layers) <= budget
     ranks = {name: layer.ranks for name, layer in layers.items()}
     if cost_power == 0:  # importance alone spends the small layer's slices first, saving 32 each
@@ -113,3 +114,26 @@ def test_cost_aware_cut_keeps_the_cheap_important_slices(cost_power):
     else:  # per parameter saved, the big layer's weakest slice is the cheaper loss
         assert ranks == {"big": [3], "small": [4]}
         assert layers["big"].rank_masks[0].tolist() == [1, 1, 1, 0]  # and it is that weakest one
+
+
+def test_layer_scope_leaves_the_choice_within_a_layer_to_importance():
+    """One TT layer whose middle edge joins the two large cores: per edge, cost alone would cut it
+    first although its slices matter most; with cost compared across layers only, importance picks."""
+    import torch
+
+    from ranksearch.models.rank_selection import prune_to_budget
+    from ranksearch.models.tensorized import FactorizedLinear
+
+    def cut(scope):
+        net = FactorizedLinear(256, 256, format="tt", max_rank=4, in_shape=[16, 16], out_shape=[16, 16])
+        layers = {"": net}
+        # cores (1,16,r0) (r0,16,r1) (r1,16,r2) (r2,16,1): a middle slice frees 128 parameters, an outer one 80
+        importance = {"": [torch.tensor([0.5, 0.4, 0.3, 0.25]), torch.tensor([1.0, 0.9, 0.8, 0.3]),
+                           torch.tensor([0.5, 0.4, 0.3, 0.25])]}
+        prune_to_budget(layers, importance, net.num_parameters() - 100, cost_power=1.0, cost_scope=scope)
+        return net.ranks
+
+    assert cut("layer") == [3, 4, 3]  # the less important outer slices go, the middle edge keeps all
+    assert cut("edge") == [4, 3, 4]  # per parameter saved (0.3/128 < 0.25/80), the middle slice went
+    with pytest.raises(ValueError, match="cost_scope"):
+        cut("everything")

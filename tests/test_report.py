@@ -15,7 +15,7 @@ from ranksearch.orchestrator import report
 from ranksearch.orchestrator.pareto import hypervolume, pareto_mask
 from ranksearch.orchestrator.report import LAYER_SCHEMA, TRIAL_SCHEMA, front_table, load_reports, write_reports
 
-FILES = ("trials.parquet", "layers.parquet", "pareto.parquet", "pareto.png", "index.html")
+FILES = ("trials.parquet", "layers.parquet", "pareto.parquet", "pareto.png", "index.html", "cells.parquet")
 
 
 def brute_front(values, modes):

@@ -8,10 +8,20 @@ import pytest
 import torch
 from torch import nn
 
-from ranksearch.models.tensorized import FactorizedEmbeddingBag
+from ranksearch.models.tensorized import FactorizedEmbeddingBag, tt_kernel
 from ranksearch.models.tensorized.tt_lookup import PrefixTree
 
 from torch_fixtures import _one_thread, _seed  # noqa: F401  (autouse fixtures)
+
+@pytest.fixture(autouse=True, params=["compiled", "torch"])
+def backend(request, monkeypatch):
+    """Every test on both backends of the fused path: the C++ kernel and the pure-PyTorch one."""
+    if request.param == "torch":
+        monkeypatch.setitem(tt_kernel._state, "module", None)
+    elif tt_kernel.kernel() is None:
+        pytest.skip("the fused TT kernel could not be built here")
+    return request.param
+
 
 SHAPES = {  # rows, dim, [row factors, dim factors]: 2, 3 and 4 cores, padded rows and columns
     2: (37, 9, [[5, 8], [2, 5]]),
@@ -125,6 +135,18 @@ def test_prefix_tree_levels():
     assert tree.digits[0].tolist() == [0, 1]
     assert tree.digits[1].tolist() == [0, 1, 2] and tree.parents[1].tolist() == [0, 0, 1]
     assert tree.digits[2].tolist() == [0, 1, 0, 1, 4] and tree.parents[2].tolist() == [0, 0, 1, 1, 2]
+
+
+def test_compiled_kernel_with_two_threads_equals_the_einsum_path(backend):
+    """The kernel's per-thread gradient buffers and parent ranges under OpenMP."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        bag = FactorizedEmbeddingBag(10**4, 16, format="ttm", max_rank=4).double()
+        ids = torch.randint(0, 10**4, (2000,))
+        _assert_same(_run(bag, True, ids, torch.arange(0, 2000, 4)), _run(bag, False, ids, torch.arange(0, 2000, 4)))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_no_per_lookup_copies_in_the_graph():

@@ -1,5 +1,5 @@
 """Data sets by spec string (the table: models/registry.py DATASETS): `digits` (default,
-bundled), `mnist:DIR`, `cifar10:DIR`, `criteo:FILE_OR_DIR`, `synthetic-criteo`.
+bundled), `mnist14` (bundled 14x14 MNIST subset), `mnist:DIR`, `cifar10:DIR`, `criteo:FILE_OR_DIR`, `synthetic-criteo`.
 
 The Criteo side needs torchrec (seconds to import), so it is loaded only when asked for:
 `from models.data import RecData` still works.

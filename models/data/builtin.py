@@ -10,6 +10,12 @@ def digits(location, *, seed, max_train, max_test, **options):
     return load_digits(seed=seed, max_train=max_train, max_test=max_test, **options)
 
 
+def mnist14(location, *, seed, max_train, max_test, **options):
+    from .bundled import load_mnist14
+
+    return load_mnist14(seed=seed, max_train=max_train, max_test=max_test, **options)
+
+
 def mnist(location, *, seed, max_train, max_test, **options):
     return load_mnist(location, seed=seed, max_train=max_train, max_test=max_test, **options)
 

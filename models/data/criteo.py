@@ -1,8 +1,10 @@
 """Criteo click logs for a TorchRec DLRM: raw TSV reading (streaming or materialized) and batches.
 
 Raw lines are `label \\t 13 integers \\t 26 hex ids` (Kaggle `train.txt`, Terabyte `day_N`), any
-field may be empty. As in the DLRM reference, dense features become log(1 + max(x, 0)) and ids
-are hashed into each table with int(hex, 16) % table_size (an empty id is 0). torchrec's own
+field may be empty. As in the DLRM reference, dense features become log(1 + max(x, 0)). Tables
+are sized from the data by default (`table_sizes="auto"`: the distinct ids of the training part,
+see criteo_vocab.py, `max_table_rows` hashing beyond a cap); `"kaggle"` or a list of 26 sizes
+hash ids into fixed tables with int(hex, 16) % table_size (an empty id is 0). torchrec's own
 Criteo readers expect preprocessed .npy files, so only its column names are used here.
 """
 
@@ -25,10 +27,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from .common import DatasetError, subsample_indices
 from .criteo_tsv import NUM_DENSE, NUM_SPARSE, REASONS, parse_chunk
+from .criteo_vocab import RAW_MODULUS, TableVocab
 
 __all__ = [
     "NUM_DENSE", "NUM_SPARSE", "KAGGLE_TABLE_SIZES", "FEATURE_NAMES", "DENSE_NAMES", "REASONS",
-    "RecBatch", "RecData", "iter_criteo_batches", "load_criteo", "criteo_files",
+    "RecBatch", "RecData", "TableVocab", "criteo_vocab", "iter_criteo_batches", "load_criteo", "criteo_files",
 ]
 
 # Cardinalities of the 26 categorical features of the Criteo Kaggle (Display Advertising) data set.
@@ -39,6 +42,7 @@ KAGGLE_TABLE_SIZES = [
 FEATURE_NAMES = list(DEFAULT_CAT_NAMES)  # cat_0 .. cat_25: the KeyedJaggedTensor keys
 DENSE_NAMES = list(DEFAULT_INT_NAMES)  # int_0 .. int_12
 CHUNK_BYTES = 4 << 20  # bytes parsed at once: a few tens of thousands of lines, tens of MB of temporaries
+CHUNK_ROWS = 1 << 16  # rows counted at once when sizing tables from materialized data
 MAX_LINE_BYTES = 1 << 20  # a "line" longer than this means the file is not a Criteo TSV
 
 log = logging.getLogger(__name__)
@@ -162,10 +166,18 @@ def criteo_files(path) -> list[Path]:
     return sorted(days, key=lambda p: int(re.search(r"\d+", p.name).group()))
 
 
-def _check_table_sizes(table_sizes) -> list[int]:
-    sizes = list(KAGGLE_TABLE_SIZES if table_sizes is None else table_sizes)
-    if len(sizes) != NUM_SPARSE or any(int(s) < 1 for s in sizes):
-        raise ValueError(f"table_sizes: expected {NUM_SPARSE} positive sizes, got {table_sizes!r}")
+def _check_table_sizes(table_sizes, max_table_rows: int | None = None) -> list[int]:
+    """Fixed sizes: "kaggle" (also None) or a list of 26, each capped at max_table_rows."""
+    if isinstance(table_sizes, str) and table_sizes != "kaggle":
+        raise ValueError(f"table_sizes: expected 'auto', 'kaggle' or {NUM_SPARSE} positive sizes, got {table_sizes!r}")
+    sizes = list(KAGGLE_TABLE_SIZES if table_sizes in (None, "kaggle") else table_sizes)
+    if len(sizes) != NUM_SPARSE or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or int(s) < 1
+                                       for s in sizes):
+        raise ValueError(f"table_sizes: expected 'auto', 'kaggle' or {NUM_SPARSE} positive sizes, got {table_sizes!r}")
+    if max_table_rows is not None:
+        if isinstance(max_table_rows, bool) or not isinstance(max_table_rows, int) or max_table_rows < 1:
+            raise ValueError(f"max_table_rows: expected a positive integer, got {max_table_rows!r}")
+        sizes = [min(int(s), max_table_rows) for s in sizes]
     return [int(s) for s in sizes]
 
 
@@ -191,8 +203,9 @@ def _read_chunks(path: Path) -> Iterator[bytes]:
 
 
 def _iter_parsed(path, table_sizes, *, strict: bool, max_rows: int | None, skipped: Counter):
-    """(dense, sparse, labels) numpy arrays chunk by chunk over all files, counting skipped lines by reason."""
-    sizes = np.asarray(_check_table_sizes(table_sizes), dtype=np.uint64)
+    """(dense, sparse, labels) numpy arrays chunk by chunk over all files, counting skipped lines by reason.
+    `table_sizes` None: sparse holds the raw ids (for a TableVocab)."""
+    sizes = np.full(NUM_SPARSE, RAW_MODULUS, np.uint64) if table_sizes is None else np.asarray(table_sizes, np.uint64)
     remaining = max_rows
     try:
         for file in criteo_files(path):
@@ -216,22 +229,35 @@ def _iter_parsed(path, table_sizes, *, strict: bool, max_rows: int | None, skipp
             log.warning("criteo: skipped %d malformed lines in %s (%s)", sum(skipped.values()), path, summary)
 
 
+def criteo_vocab(path, *, max_rows: int | None = None, max_table_rows: int | None = None) -> TableVocab:
+    """Distinct ids per feature over (the first `max_rows` lines of) `path`, in one streaming pass."""
+    chunks = (sparse for _, sparse, _ in _iter_parsed(path, None, strict=False, max_rows=max_rows, skipped=Counter()))
+    return TableVocab.count(chunks, NUM_SPARSE, max_table_rows)
+
+
 def iter_criteo_batches(
-    path, table_sizes: Sequence[int] | None, batch_size: int, *,
+    path, table_sizes: Sequence[int] | str | TableVocab | None, batch_size: int, *,
     strict: bool = False, max_rows: int | None = None, skipped: dict | None = None,
+    max_table_rows: int | None = None,
 ) -> Iterator[RecBatch]:
     """Stream RecBatches from raw TSV without holding the file in memory; the last batch may be smaller.
 
-    Malformed lines are skipped and counted by reason into `skipped` (if given; a summary is logged at
-    the end), or with `strict` raise a DatasetError naming file, line number and problem.
+    `table_sizes`: a list or "kaggle" (ids hashed into fixed tables), or a `TableVocab` (from
+    `criteo_vocab`, whose `.sizes` the model needs). Malformed lines are skipped and counted by
+    reason into `skipped` (if given; a summary is logged at the end), or with `strict` raise a
+    DatasetError naming file, line number and problem.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    vocab = table_sizes if isinstance(table_sizes, TableVocab) else None
+    sizes = None if vocab is not None else _check_table_sizes(table_sizes, max_table_rows)
     counts = Counter()
     pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     num_pending = 0
     try:
-        for part in _iter_parsed(path, table_sizes, strict=strict, max_rows=max_rows, skipped=counts):
+        for part in _iter_parsed(path, sizes, strict=strict, max_rows=max_rows, skipped=counts):
+            if vocab is not None:
+                part = (part[0], vocab.rows(part[1]), part[2])
             pending.append(part)
             num_pending += len(part[2])
             if num_pending < batch_size:
@@ -251,28 +277,41 @@ def iter_criteo_batches(
 
 
 def load_criteo(
-    path, *, table_sizes: Sequence[int] | None = None, max_rows: int | None = None,
-    strict: bool = False, test_fraction: float = 0.1,
+    path, *, table_sizes: Sequence[int] | str = "auto", max_table_rows: int | None = None,
+    max_rows: int | None = None, strict: bool = False, test_fraction: float = 0.1,
 ) -> RecData:
     """Materialize up to `max_rows` rows as RecData (all when None: the full Kaggle set is ~12 GB in
     memory, twice that while the chunks are joined).
 
-    The last round(test_fraction * N) rows are the test split.
+    The last round(test_fraction * N) rows are the test split. `table_sizes="auto"` sizes each table
+    to the distinct ids of the training rows (+1 row for ids unseen there), hashing a feature with
+    more than `max_table_rows` of them; "kaggle" or a list of 26 sizes hash into fixed tables
+    (capped at `max_table_rows`).
     """
     if not 0 <= test_fraction < 1:
         raise ValueError(f"test_fraction: expected a value in [0, 1), got {test_fraction}")
+    auto = isinstance(table_sizes, str) and table_sizes == "auto"
+    sizes = None if auto else _check_table_sizes(table_sizes, max_table_rows)
     skipped = Counter()
-    parts = list(_iter_parsed(path, table_sizes, strict=strict, max_rows=max_rows, skipped=skipped))
+    parts = list(_iter_parsed(path, sizes, strict=strict, max_rows=max_rows, skipped=skipped))
     if not parts:
         raise DatasetError(f"criteo: no valid lines in {path} (skipped: {dict(skipped) or 'none'})")
-    dense, sparse, labels = (torch.from_numpy(np.concatenate(arrays)) for arrays in zip(*parts))
+    dense, sparse, labels = (np.concatenate(arrays) for arrays in zip(*parts))
+    num_test = round(test_fraction * len(labels))
+    info = {"path": str(path), "table_sizes": "auto" if auto else "fixed", "max_table_rows": max_table_rows}
+    if auto:
+        train = len(labels) - num_test
+        vocab = TableVocab.count((sparse[i : min(i + CHUNK_ROWS, train)] for i in range(0, train, CHUNK_ROWS)), NUM_SPARSE,
+                                 max_table_rows)
+        sparse, sizes = vocab.rows(sparse), vocab.sizes
+        info["hashed_features"] = [FEATURE_NAMES[k] for k, h in enumerate(vocab.hashed) if h is not None]
     return RecData(
         name="criteo",
-        dense=dense,
-        sparse=sparse,
-        labels=labels,
-        table_sizes=_check_table_sizes(table_sizes),
-        num_test=round(test_fraction * len(labels)),
+        dense=torch.from_numpy(dense),
+        sparse=torch.from_numpy(sparse),
+        labels=torch.from_numpy(labels),
+        table_sizes=sizes,
+        num_test=num_test,
         skipped=dict(skipped),
-        info={"path": str(path)},
+        info=info,
     )

@@ -252,6 +252,12 @@ class DistributedTrainer(Trainer):
         self.net = self.full_net
         self._unshard(dmp, collections, plan)
 
+    def _table_optimizer(self):
+        """None: under DMP a table is data-parallel (DDP all-reduces its gradients) or owned by one
+        rank; an update inside backward would bypass the all-reduce, so sharded runs keep the
+        dense optimizer for tables."""
+        return None
+
     def _optimizer(self, method, lr: float):
         optimizer = super()._optimizer(method, lr)
         if method is not None:

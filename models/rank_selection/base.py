@@ -86,7 +86,7 @@ class RankMethod(nn.Module):
             return
         target = self._cuts.target(self.progress(epoch, batch), tensorized_params(self.layers), self.budget_params)
         if target is not None:
-            cut_to(self.layers, self.importance(), target, self.hp.get("cost_power", 0.0))
+            cut_to(self.layers, self.importance(), target, **self.cost_options())
 
     def progress(self, epoch: int, batch: int) -> float:
         """Fraction of the planned search done after this step (epoch-granular in the first
@@ -104,6 +104,11 @@ class RankMethod(nn.Module):
         n = min(epochs, max(1, round(epochs * self.hp.get("search_fraction", 1.0))))
         self._planned_epochs = n
         return n
+
+    def dense_warmup_epochs(self, epochs: int) -> int:
+        """Epochs the network trains dense before it is decomposed and the method attaches (0: it is
+        tensorized at max rank from the start). LWIQ's paper mode measures a trained network."""
+        return 0
 
     def measure(self, model: nn.Module, batches) -> None:
         """Called once after the search epochs with held-out (x, y) batches (LWIQ measures here)."""
@@ -137,8 +142,12 @@ class RankMethod(nn.Module):
                     keep[int(torch.argmax(importance[name][edge]))] = True
                 weight.set_mask(edge, keep)
         self.reached_params = tensorized_params(self.layers)
-        prune_to_budget(self.layers, importance, budget_params, cost_power=self.hp.get("cost_power", 0.0))
+        prune_to_budget(self.layers, importance, budget_params, **self.cost_options())
         return {name: layer.ranks for name, layer in self.layers.items()}
+
+    def cost_options(self) -> dict:
+        """How cuts weigh a slice's cost (budget.prune_to_budget); importance alone without them."""
+        return {"cost_power": self.hp.get("cost_power", 0.0), "cost_scope": self.hp.get("cost_scope", "layer")}
 
     def _budget(self, budget_params: int | None) -> int:
         budget = self.budget_params if budget_params is None else budget_params

@@ -17,6 +17,10 @@ TRAIN_DEFAULTS = {
     "schedule": "cosine",  # cosine | none
     "finetune_epochs": 2,  # after pruning to the budget, at a restarted lr schedule
     "max_rank": 16,
+    # embedding tables: updated inside backward on the touched rows / core slices only (TorchRec-style);
+    # auto = the model's own default (DLRM: rowwise_adagrad), none = tables train with `optimizer`
+    "table_optimizer": "auto",  # auto | none | rowwise_adagrad | sgd | adam
+    "table_lr": 0.05,
     "seed": 0,
 }
 
@@ -38,6 +42,7 @@ METHOD_DEFAULTS = {
         "cut_end": 0.8,  # ... to this one, where the model reaches the budget and trains on at it
         "dual_lr": 0.01,  # step of the dual variable (log-ratio of kept to budget parameters per optimizer step)
         "cost_power": 0.0,  # cuts drop the lowest importance / (parameters saved)**cost_power
+        "cost_scope": "layer",  # layer: cost compares layers, importance alone picks within one | edge
         "preset": "default",  # default | paper (the paper's exact settings, PRESETS below)
     },
     "l0": {
@@ -52,6 +57,7 @@ METHOD_DEFAULTS = {
         "cut_end": 0.8,  # ... to this one, where the model reaches the budget and trains on at it
         "dual_lr": 0.01,  # step of the dual variable (log-ratio of kept to budget parameters per optimizer step)
         "cost_power": 0.0,  # cuts drop the lowest importance / (parameters saved)**cost_power
+        "cost_scope": "layer",  # layer: cost compares layers, importance alone picks within one | edge
         "preset": "default",  # default | paper (the paper's exact settings, PRESETS below)
     },
     "lwiq": {
@@ -59,6 +65,8 @@ METHOD_DEFAULTS = {
         "measure_batches": 8,  # held-out batches: half imprint the proxy classifiers, half score them
         "pool_features": 512,  # pooled feature size per layer (conv maps keep a coarse grid within it)
         "min_share": 0.05,  # floor of each layer's significance, relative to the top layer, so no layer starves
+        "start": "tensorized",  # tensorized: warm up the max-rank model | dense: the paper (measure a trained net, decompose)
+        "preset": "default",  # default | paper (start dense, PRESETS below)
     },
     "fixed": {},
     "posthoc": {},
@@ -71,5 +79,5 @@ PRESETS = {
     "bayesian": {"paper": {"budget_aware": False, "inference": "svi", "hyperprior": "log_uniform",
                            "kl_weight": 5e-5, "threshold": 1e-2}},
     "l0": {"paper": {"budget_aware": False, "lam": 0.1, "sigma": 0.5, "shift": 1.2, "freeze_at_target": True}},
-    "lwiq": {"paper": {}},
+    "lwiq": {"paper": {"start": "dense", "warmup_epochs": 2}},
 }

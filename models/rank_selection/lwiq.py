@@ -7,7 +7,11 @@ only, and a new budget reuses the measurement, which is where the speed-up over
 search methods comes from. The paper has no public code; these are our choices:
 
 - Warm-up: `warmup_epochs` (default 1) of ordinary training before measuring, so
-  features mean something; the remaining epochs train the pruned model.
+  features mean something; the remaining epochs train the pruned model. `start` says what
+  trains: "tensorized" (default) the max-rank tensorized model, whose slices are then
+  truncated to the allocated ranks; "dense" (the paper, `preset: paper`) the dense network,
+  which is measured, then decomposed (TT-SVD / HOSVD / CP-ALS) at the allocated ranks and
+  fine-tuned. The dense warm-up counts as rank-search time.
 - Features: each factorized layer's output (before any activation that follows
   it), caught by forward hooks; layer order is the order they first run, so
   model code that registers modules out of order is still measured in execution
@@ -72,6 +76,8 @@ from .base import RankMethod
 from .budget import check_budget_floor, resolve_budget
 from .hyperparams import METHOD_DEFAULTS
 
+STARTS = ("tensorized", "dense")
+
 
 def pool_features(t: torch.Tensor, size: int, spatial: bool = False) -> torch.Tensor:
     """(B, C, H, W) with `spatial`, else (B, ..., F) -> (B, <= size) float features on the CPU.
@@ -128,6 +134,8 @@ class LWIQRank(RankMethod):
                 raise ValueError(f"lwiq: {key} must be an integer >= 1, got {self.hp[key]!r}")
         if not 0 < self.hp["min_share"] <= 1:
             raise ValueError(f"lwiq: min_share must lie in (0, 1], got {self.hp['min_share']!r}")
+        if self.hp["start"] not in STARTS:
+            raise ValueError(f"lwiq: start must be one of {', '.join(STARTS)}, got {self.hp['start']!r}")
         if not isinstance(self.hp["warmup_epochs"], int) or self.hp["warmup_epochs"] < 0:
             raise ValueError(f"lwiq: warmup_epochs must be an integer >= 0, got {self.hp['warmup_epochs']!r}")
         self._attach()
@@ -144,7 +152,10 @@ class LWIQRank(RankMethod):
         self.scale: float | None = None
 
     def search_epochs(self, epochs: int) -> int:
-        return min(self.hp["warmup_epochs"], epochs)
+        return 0 if self.hp["start"] == "dense" else min(self.hp["warmup_epochs"], epochs)
+
+    def dense_warmup_epochs(self, epochs: int) -> int:
+        return min(self.hp["warmup_epochs"], epochs) if self.hp["start"] == "dense" else 0
 
     # -- measuring -------------------------------------------------------------------------
     @torch.no_grad()

@@ -41,9 +41,9 @@ class CutSchedule:
         return max(budget, int(math.exp((1 - t) * math.log(self.origin) + t * math.log(budget))))
 
 
-def cut_to(layers, importance, target: int, cost_power: float) -> bool:
+def cut_to(layers, importance, target: int, **cost) -> bool:
     """Cut to `target` when over it and the floor allows; whether anything was cut."""
     if tensorized_params(layers) <= target or target < minimum_params(layers):
         return False
-    prune_to_budget(layers, importance, target, cost_power=cost_power)
+    prune_to_budget(layers, importance, target, **cost)
     return True

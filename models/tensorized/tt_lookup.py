@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import tt_kernel
+
 
 @dataclass
 class PrefixTree:
@@ -60,7 +62,7 @@ def _core_blocks(core: torch.Tensor, tt_row: bool) -> torch.Tensor:
     if tt_row:
         core = core.unsqueeze(2)
     r0, n, d, r1 = core.shape
-    return core.permute(1, 0, 2, 3).reshape(n, r0, d * r1)
+    return core.permute(1, 0, 2, 3).reshape(n, r0, d * r1).contiguous()
 
 
 class _FusedLookup(torch.autograd.Function):
@@ -68,55 +70,83 @@ class _FusedLookup(torch.autograd.Function):
     def forward(ctx, tree, shapes, update, tail, *cores):
         """Rows (U, D) of the distinct ids in `tree`. shapes: per level (r_{k-1}, d_k, r_k)."""
         blocks = [_core_blocks(c, tail is not None) for c in cores]
-        x = blocks[0].index_select(0, tree.digits[0])  # (P_1, 1, d_1 r_1)
-        x = x.reshape(tree.sizes[0], shapes[0][1], shapes[0][2])
-        saved = []
-        for k in range(1, len(cores)):
-            a = x.index_select(0, tree.parents[k])  # (P_k, D_{k-1}, r_{k-1})
-            b = blocks[k].index_select(0, tree.digits[k])  # (P_k, r_{k-1}, d_k r_k)
-            saved += [a, b]
-            x = torch.bmm(a, b).reshape(tree.sizes[k], -1, shapes[k][2])
-        last = x.reshape(tree.sizes[-1], -1)  # ttm: (U, D); tt: (U, r_L)
+        compiled = tt_kernel.usable(blocks[0])
+        nodes = _forward_kernel(tree, blocks) if compiled else _forward_torch(tree, blocks, shapes)
+        last = nodes[-1].reshape(tree.sizes[-1], -1)  # ttm: (U, D); tt: (U, r_L)
         out = last @ tail if tail is not None else last
-        ctx.tree, ctx.shapes, ctx.update, ctx.has_tail = tree, shapes, update, tail is not None
-        ctx.core_shapes = [c.shape for c in cores]
-        ctx.save_for_backward(*(saved + ([last, tail] if tail is not None else [])))
+        ctx.tree, ctx.update, ctx.compiled, ctx.has_tail = tree, update, compiled, tail is not None
+        ctx.core_shapes, ctx.n_nodes = [c.shape for c in cores], len(nodes)
+        ctx.save_for_backward(*nodes, *blocks, *([last, tail] if tail is not None else []))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        tree, shapes, levels = ctx.tree, ctx.shapes, len(ctx.core_shapes)
+        tree, levels = ctx.tree, len(ctx.core_shapes)
         saved = list(ctx.saved_tensors)
+        nodes, blocks = saved[: ctx.n_nodes], saved[ctx.n_nodes : ctx.n_nodes + levels]
         grad_tail = None
         g = grad_out.contiguous()
         if ctx.has_tail:
             last, tail = saved[-2:]
             grad_tail = last.t() @ g if ctx.needs_input_grad[3] else None
             g = g @ tail.t()
-        block_grads = [None] * levels
-        for k in range(levels - 1, 0, -1):
-            a, b = saved[2 * (k - 1)], saved[2 * (k - 1) + 1]
-            gx = g.reshape(tree.sizes[k], a.shape[1], b.shape[2])  # (P_k, D_{k-1}, d_k r_k)
-            block_grads[k] = (tree.digits[k], torch.bmm(a.transpose(1, 2), gx))  # per node, (P_k, r_{k-1}, d_k r_k)
-            ga = torch.bmm(gx, b.transpose(1, 2))  # (P_k, D_{k-1}, r_{k-1})
-            g = ga.new_zeros(tree.sizes[k - 1], *ga.shape[1:]).index_add_(0, tree.parents[k], ga)
-        block_grads[0] = (tree.digits[0], g.reshape(tree.sizes[0], 1, -1))
+        if ctx.compiled:
+            block_grads = tt_kernel.kernel().backward(g.reshape(tree.sizes[-1], -1), nodes, blocks, tree.digits, _parents(tree))
+        else:
+            block_grads = _backward_torch(tree, nodes, blocks, g)
         grads = []
-        for k, (digits, per_node) in enumerate(block_grads):
-            shape = ctx.core_shapes[k]
+        for k, gblock in enumerate(block_grads):
             if not ctx.needs_input_grad[4 + k]:
                 grads.append(None)
                 continue
-            touched, inverse = torch.unique(digits, return_inverse=True)
-            summed = per_node.new_zeros(len(touched), *per_node.shape[1:]).index_add_(0, inverse, per_node)
-            slice_shape = (shapes[k][0], shapes[k][1], shapes[k][2]) if not ctx.has_tail else (shapes[k][0], shapes[k][2])
-            slices = summed.reshape(len(touched), *slice_shape).movedim(0, 1)  # like core.index_select(1, touched)
-            if ctx.update is not None:
-                ctx.update(k, touched, slices)
+            shape = ctx.core_shapes[k]
+            if ctx.update is not None:  # the fused optimizer: touched slices only, no gradient for autograd
+                touched = torch.unique(tree.digits[k])
+                ctx.update(k, touched, gblock.index_select(0, touched).reshape(-1, *_slice_shape(shape)).movedim(0, 1))
                 grads.append(None)
             else:
-                grads.append(slices.new_zeros(shape).index_copy_(1, touched, slices))
+                grads.append(gblock.reshape(shape[1], *_slice_shape(shape)).movedim(0, 1))
         return (None, None, None, grad_tail, *grads)
+
+
+def _slice_shape(core_shape) -> tuple:
+    """A core's shape without its digit dim (dim 1)."""
+    return (core_shape[0], *core_shape[2:])
+
+
+def _parents(tree) -> list[torch.Tensor]:
+    return [tree.digits[0] if k == 0 else p for k, p in enumerate(tree.parents)]  # level 0: unused
+
+
+def _forward_kernel(tree, blocks):
+    """Node values of every level (P_k, Dprev_k * W_k), from the compiled kernel."""
+    return list(tt_kernel.kernel().forward(blocks, tree.digits, _parents(tree)))
+
+
+def _forward_torch(tree, blocks, shapes):
+    """The same with one batched GEMM per level; saves the gathered operands (a, b) per level."""
+    x = blocks[0].index_select(0, tree.digits[0]).reshape(tree.sizes[0], shapes[0][1], shapes[0][2])
+    saved = []
+    for k in range(1, len(blocks)):
+        a = x.index_select(0, tree.parents[k])  # (P_k, D_{k-1}, r_{k-1})
+        b = blocks[k].index_select(0, tree.digits[k])  # (P_k, r_{k-1}, d_k r_k)
+        saved += [a, b]
+        x = torch.bmm(a, b).reshape(tree.sizes[k], -1, shapes[k][2])
+    return saved + [x] if len(blocks) > 1 else [x]
+
+
+def _backward_torch(tree, saved, blocks, g):
+    """Dense block gradients (n_k, r_{k-1}, W_k), leaves to root."""
+    levels = len(blocks)
+    out = [None] * levels
+    for k in range(levels - 1, 0, -1):
+        a, b = saved[2 * (k - 1)], saved[2 * (k - 1) + 1]
+        gx = g.reshape(tree.sizes[k], a.shape[1], b.shape[2])  # (P_k, D_{k-1}, d_k r_k)
+        out[k] = torch.zeros_like(blocks[k]).index_add_(0, tree.digits[k], torch.bmm(a.transpose(1, 2), gx))
+        ga = torch.bmm(gx, b.transpose(1, 2))  # (P_k, D_{k-1}, r_{k-1})
+        g = ga.new_zeros(tree.sizes[k - 1], *ga.shape[1:]).index_add_(0, tree.parents[k], ga)
+    out[0] = torch.zeros_like(blocks[0]).index_add_(0, tree.digits[0], g.reshape(tree.sizes[0], 1, -1))
+    return out
 
 
 def tail_matrix(col_cores: list[torch.Tensor]) -> torch.Tensor:

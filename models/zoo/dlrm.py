@@ -187,6 +187,7 @@ def build_dlrm(
         include += [f"{COLLECTION_PATH}.embedding_bags.{t.name}" for t in tables
                     if t.num_embeddings >= min_rows or t.name in options]
     net.tensorize_options = {"include": include}
+    net.default_table_optimizer = "rowwise_adagrad"  # train.table_optimizer: auto, as TorchRec trains DLRMs
     return net
 
 

@@ -1,0 +1,91 @@
+"""The compiled CPU kernel of the fused TT lookup (csrc/tt_lookup.cpp), built on first use.
+
+torch.utils.cpp_extension compiles it with g++ -O3 -march=native -fopenmp into a cache directory
+(`RANKSEARCH_KERNEL_DIR`, default ~/.cache/ranksearch/kernels), keyed by the source, the torch
+version and the CPU's instruction set, so a machine never loads code built for another; `make
+install` builds it once ahead of time. Without a compiler (or with RANKSEARCH_TT_KERNEL=0) the
+lookup runs the pure-PyTorch path of tt_lookup.py, with the same results: the kernel is speed only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "tt_lookup.cpp"
+_state: dict = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_dir() -> Path:
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode() + sys.version.encode()
+    ).hexdigest()[:16]
+    root = Path(os.environ.get("RANKSEARCH_KERNEL_DIR", Path.home() / ".cache" / "ranksearch" / "kernels"))
+    return root / key
+
+
+def _with_ninja_on_path() -> None:
+    """cpp_extension runs `ninja`; the pip `ninja` package puts it beside the interpreter."""
+    if shutil.which("ninja"):
+        return
+    candidates = [Path(sys.executable).parent]
+    try:
+        import ninja
+
+        candidates.insert(0, Path(ninja.BIN_DIR))
+    except ImportError:
+        pass
+    for d in candidates:
+        if (d / "ninja").exists():
+            os.environ["PATH"] = f"{d}{os.pathsep}{os.environ.get('PATH', '')}"
+            return
+
+
+def load(verbose: bool = False):
+    """The compiled module; raises when it cannot be built."""
+    from torch.utils import cpp_extension
+
+    _with_ninja_on_path()
+    where = build_dir()
+    where.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name=f"ranksearch_tt_lookup_{where.name}", sources=[str(SOURCE)], build_directory=str(where),
+        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=verbose,
+    )
+
+
+def kernel():
+    """The compiled module, or None (disabled, or the build failed once: warned, then the PyTorch path)."""
+    if "module" not in _state:
+        if os.environ.get("RANKSEARCH_TT_KERNEL", "1") == "0":
+            _state["module"] = None
+        else:
+            try:
+                _state["module"] = load()
+            except Exception as exc:  # no compiler, no ninja, read-only cache: the PyTorch path works
+                warnings.warn(f"ranksearch: fused TT kernel not built ({type(exc).__name__}: {exc}); "
+                              f"using the PyTorch lookup path", RuntimeWarning, stacklevel=2)
+                _state["module"] = None
+    return _state["module"]
+
+
+def usable(tensor: torch.Tensor) -> bool:
+    return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and kernel() is not None
+
