@@ -82,7 +82,7 @@ def test_ranksearch_run_with_import_paths_on_local_ray(tmp_path):
     spec = _spec(tmp_path, methods=["fixed", "lwiq"], train={"epochs": 1, "finetune_epochs": 0, "max_rank": 8})
     run = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ranksearch"), "run", spec,
                           "--storage", str(storage), "--name", "own"], cwd=PROJECT, env=env, capture_output=True,
-                         text=True, timeout=400)
+                         text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     experiment = storage / "own"
     import pandas as pd
@@ -109,7 +109,7 @@ with torch.no_grad():
     assert torch.allclose(net(x), plain.eval()(x), atol=1e-4)
 print(net.ranksearch_record["trial_id"])
 """
-    done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == trial
     missing = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ranksearch"), "export", str(experiment),
