@@ -104,12 +104,13 @@ def test_run_prints_the_fronts_and_report_rebuilds_them(ray_session, tmp_path, t
     assert "[2/2] ok" in out and f"reports: {runs / 'cli' / 'report'}" in out
     table = out[out.index("group"):]
     assert "mlp/fixed" in table and "hypervolume reference point" in table
+    assert "cells (mean over seeds" in table and "single seed per cell" in table  # orchestrator/cells.py
 
     shutil.rmtree(runs / "cli" / "report")
     assert main(["report", str(runs / "cli")]) == 0
     assert capsys.readouterr().out.endswith(table)
     assert {p.name for p in (runs / "cli" / "report").iterdir()} == {
-        "trials.parquet", "layers.parquet", "pareto.parquet", "pareto.png", "index.html"}
+        "trials.parquet", "layers.parquet", "pareto.parquet", "pareto.png", "index.html", "cells.parquet"}
 
     assert main(["run", spec, "--storage", str(runs), "--name", "cli"]) == 2  # never mixes two searches
     assert "exists; continue it with `ranksearch resume" in capsys.readouterr().err
