@@ -76,10 +76,13 @@ def cmd_validate(args) -> int:
 
     from .plan import build_plan
 
+    from .preflight import check_machine, preflight
     from .usercode import UserCode, resolve_user_code
 
     spec = resolve_user_code(load_spec(args.spec), UserCode(os.getcwd()))  # import paths first: exit 2 here
     plan = build_plan(spec, experiment_path="-")
+    preflight(spec, local=not args.address)
+    check_machine(spec, args.address)
     search, res = spec.search, spec.resources
     cells = {slot.cell_index for slot in plan.slots}
     print(f"{spec.name}: valid")
@@ -154,6 +157,7 @@ def _job_client(address: str):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    _check_job_server(address)
     token = auth_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
@@ -164,6 +168,24 @@ def _job_client(address: str):
                          "use the cluster's token (cluster.yaml copies ~/.ray/auth_token to its nodes)") from None
     except (ConnectionError, RuntimeError) as exc:
         raise ValueError(f"--address: cannot reach the Ray job server at {address}: {exc}") from None
+
+
+def _check_job_server(address: str) -> None:
+    """Fail in seconds when nothing listens at the job server's host:port (the client retries for a minute)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(address if "://" in address else f"http://{address}")
+    try:
+        port = url.port or (443 if url.scheme == "https" else 8265)
+    except ValueError:
+        raise ValueError(f"--address: {address!r} has no valid port") from None
+    if not url.hostname:
+        raise ValueError(f"--address: expected http://HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((url.hostname, port), timeout=5).close()
+    except OSError as exc:
+        raise ValueError(f"--address: nothing answers at {url.hostname}:{port} ({exc})") from None
 
 
 def _wait(client, job_id: str, poll_s: float = 2.0) -> str:
@@ -206,6 +228,7 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("validate", help="check a spec without running it (exit 2 listing every error)")
     p.add_argument("spec")
+    p.add_argument("--address", help="check resources against this Ray cluster (default: against this machine)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("submit", help="run a search on a Ray cluster as a Ray job (this project as working_dir)")

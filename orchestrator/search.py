@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ranksearch.search_spaces import SpecError, load_spec
+from ranksearch.search_spaces.schema import NAME_PATTERN
 
 from .connect import check_shared_storage, connect
 from .interrupt import InterruptStopper
 from .plan import Plan, build_plan
+from .preflight import preflight
 from .records import ExperimentFiles, error_line, is_uri
 from .report import load_reports, write_reports
 from .saved_models import keep_only
@@ -79,7 +81,12 @@ def run_search(spec, *, storage_path=None, name=None, address=None, resume=False
     spec = resolve_user_code(spec, code)
     storage = str(storage_path or spec.storage or DEFAULT_STORAGE)
     storage = storage if is_uri(storage) else os.path.abspath(os.path.expanduser(storage))
+    if name is not None and not NAME_PATTERN.fullmatch(str(name)):
+        raise ValueError(f"--name: expected letters, digits, '_', '.' or '-' (it names a folder inside the "
+                         f"storage), got {str(name)[:80]!r}")
     name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    preflight(spec, local=not (address or os.environ.get("RAY_ADDRESS")))
+    check_storage(storage)
     experiment_path = f"{storage.rstrip('/')}/{name}"
     plan = build_plan(spec, experiment_path, code.as_plan() if code.used_by(spec) else None)
     files = ExperimentFiles(experiment_path)
@@ -111,6 +118,25 @@ def run_search(spec, *, storage_path=None, name=None, address=None, resume=False
     report_dir = _publish_reports(records, experiment_path, spec.objectives)
     _keep_front_models(experiment_path, report_dir)
     return SearchResult(experiment_path, report_dir, records, unfinished, stopper.hit)
+
+
+def check_storage(storage: str) -> None:
+    """--storage must be a folder (or a URI pyarrow can reach), caught before anything runs."""
+    if is_uri(storage):
+        import pyarrow.fs as pafs
+
+        try:
+            fs, root = pafs.FileSystem.from_uri(storage)
+            fs.get_file_info(root)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--storage: cannot reach {storage} ({str(exc).splitlines()[0][:200]})") from None
+        return
+    path = Path(storage)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"--storage: {existing} is a file; expected a folder for experiments")
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise ValueError(f"--storage: {existing} is not writable")
 
 
 def usable_records(plan: Plan, files: ExperimentFiles) -> dict[str, dict]:
