@@ -56,12 +56,13 @@ def _key_values(pairs: list[str] | None, flag: str) -> dict:
 
 def _add_train(sub) -> None:
     from ranksearch.models.rank_selection.hyperparams import METHODS
+    from ranksearch.models.registry import DATASETS
     from ranksearch.models.tensorized.names import FORMATS
     from ranksearch.models.zoo.names import MODELS
 
     p = sub.add_parser("train", help="train one model with one rank-selection method at one budget")
     p.add_argument("--model", default="mlp", choices=MODELS)
-    p.add_argument("--dataset", default="digits", help="digits | mnist14 | mnist:DIR | cifar10:DIR | criteo:PATH | synthetic-criteo")
+    p.add_argument("--dataset", default="digits", help=DATASETS.usage().replace(", ", " | "))
     p.add_argument("--method", default="fixed", choices=METHODS)
     p.add_argument("--format", default="tt", choices=FORMATS)
     p.add_argument("--budget", type=_budget, default=0.1, help="fraction of dense tensorized params, or a count")
@@ -184,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ranksearch.orchestrator import commands
 
     commands.add_commands(sub)
+    from ranksearch.orchestrator.export import add_export
+
+    add_export(sub)
     return parser
 
 

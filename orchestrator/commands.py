@@ -77,8 +77,9 @@ def cmd_validate(args) -> int:
     from .plan import build_plan
 
     from .preflight import check_machine, preflight
+    from .usercode import UserCode, resolve_user_code
 
-    spec = load_spec(args.spec)
+    spec = resolve_user_code(load_spec(args.spec), UserCode(os.getcwd()))  # import paths first: exit 2 here
     plan = build_plan(spec, experiment_path="-")
     preflight(spec, local=not args.address)
     check_machine(spec, args.address)
@@ -102,10 +103,16 @@ def cmd_submit(args) -> int:
     it runs the uploaded copy of the code (the job's working directory comes first on the
     path), where an installed script would import whatever copy the cluster installed."""
     from ranksearch.search_spaces import load_spec
+    from ranksearch.search_spaces.schema import is_user_model
 
-    spec = load_spec(args.spec)  # a bad spec fails here, not minutes later on the cluster
+    from .usercode import UserCode, resolve_user_code
+
+    # a bad spec fails here, not minutes later on the cluster; a spec naming the user's own code
+    # ships the user's project (the current directory), where its import paths resolve
+    spec = resolve_user_code(load_spec(args.spec), UserCode(os.getcwd()))
+    root = Path.cwd() if any(is_user_model(m) for m in spec.models) or spec.task else PROJECT_DIR
     name = args.name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # known here: the job is named by it
-    entrypoint = ["python", "-m", "ranksearch.orchestrator.cli", "run", _spec_on_cluster(args.spec)]
+    entrypoint = ["python", "-m", "ranksearch.orchestrator.cli", "run", _spec_on_cluster(args.spec, root)]
     for flag, value in (("--storage", args.storage), ("--name", name)):
         if value:
             entrypoint += [flag, value]
@@ -113,7 +120,7 @@ def cmd_submit(args) -> int:
     os.environ["RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES"] = ""
     job_id = client.submit_job(
         entrypoint=shlex.join(entrypoint),
-        runtime_env={"working_dir": str(PROJECT_DIR), "excludes": SUBMIT_EXCLUDES},
+        runtime_env={"working_dir": str(root), "excludes": SUBMIT_EXCLUDES},
         metadata={"job_name": f"ranksearch:{name}"},  # the Name column of the dashboard's Jobs table
     )
     print(f"submitted {job_id}: {shlex.join(entrypoint)}")
@@ -126,15 +133,15 @@ def cmd_submit(args) -> int:
     return 0 if status == "SUCCEEDED" else 1
 
 
-def _spec_on_cluster(spec: str) -> str:
+def _spec_on_cluster(spec: str, root: Path = PROJECT_DIR) -> str:
     """The spec as the job sees it: a preset name as is, a file relative to the uploaded project."""
     path = Path(spec).expanduser().resolve()
     if not path.is_file():
         return spec  # a preset name (load_spec accepted it)
-    if not path.is_relative_to(PROJECT_DIR):
-        raise ValueError(f"SPEC: {spec} is outside the project directory {PROJECT_DIR}, which is what the job "
+    if not path.is_relative_to(root):
+        raise ValueError(f"SPEC: {spec} is outside the project directory {root}, which is what the job "
                          "uploads; copy the spec into the project or use a preset name")
-    return path.relative_to(PROJECT_DIR).as_posix()
+    return path.relative_to(root).as_posix()
 
 
 def auth_token() -> str | None:
