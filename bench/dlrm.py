@@ -255,7 +255,7 @@ def _throughput_markdown(config: dict, rows: list[dict]) -> str:
         f"synthetic Criteo batches (Zipf ids), {config['threads']} thread(s), median of {config['steps']} steps; "
         f"each variant in its own process (peak resident memory):",
         "",
-        "| variant | params | samples / s | ÷ TorchRec fused | peak RSS | table weights + row-wise state |",
+        "| variant | params | samples / s | ÷ TorchRec fused | peak RSS | plain tables: weights + row-wise state |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
