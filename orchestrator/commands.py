@@ -80,9 +80,10 @@ def cmd_submit(args) -> int:
     path), where an installed script would import whatever copy the cluster installed."""
     from ranksearch.search_spaces import load_spec
 
-    load_spec(args.spec)  # a bad spec fails here, not minutes later on the cluster
+    spec = load_spec(args.spec)  # a bad spec fails here, not minutes later on the cluster
+    name = args.name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # known here: the job is named by it
     entrypoint = ["python", "-m", "ranksearch.orchestrator.cli", "run", _spec_on_cluster(args.spec)]
-    for flag, value in (("--storage", args.storage), ("--name", args.name)):
+    for flag, value in (("--storage", args.storage), ("--name", name)):
         if value:
             entrypoint += [flag, value]
     client = _job_client(args.address)
@@ -90,6 +91,7 @@ def cmd_submit(args) -> int:
     job_id = client.submit_job(
         entrypoint=shlex.join(entrypoint),
         runtime_env={"working_dir": str(PROJECT_DIR), "excludes": SUBMIT_EXCLUDES},
+        metadata={"job_name": f"ranksearch:{name}"},  # the Name column of the dashboard's Jobs table
     )
     print(f"submitted {job_id}: {shlex.join(entrypoint)}")
     print(f"  follow: ray job logs --follow {job_id} --address {args.address}")

@@ -10,10 +10,13 @@
   node-local directory fails, naming the nodes. Nodes an autoscaler adds later cannot be
   probed: a local path then gets a warning, and Ray's own storage check fails the trials
   that land on a node without it.
+- The local Ray ranksearch starts listens on 127.0.0.1 only (_bind_local_ray) and exports
+  metrics every second (METRICS_REPORT_MS).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -25,16 +28,24 @@ from ranksearch.search_spaces import Spec, SpecError
 
 from .records import is_uri
 
+HOST_ENV = "RANKSEARCH_RAY_HOST"  # where the local Ray listens: 127.0.0.1 (default), or e.g. 0.0.0.0 / this host's IP
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's processes take loopback as the node address
+METRICS_REPORT_MS = 1000  # how often Ray exports metric values (its default, 10 s, hides a trial's end)
 
-def connect(spec: Spec, address: str | None) -> bool:
+
+def connect(spec: Spec, address: str | None, job_name: str | None = None) -> bool:
     """Use the Ray this process already joined, a cluster (`address`, else $RAY_ADDRESS, which a Ray
     job's driver has), or a new local Ray sized to this machine; check that a trial fits. True if
-    connected here (then the caller shuts down)."""
+    connected here (then the caller shuts down). `job_name` names the driver's job in the Ray
+    dashboard (its Jobs table shows the `job_name` metadata key; a submitted job keeps the name
+    it was submitted with)."""
     import ray
+    from ray.job_config import JobConfig
 
     started = not ray.is_initialized()
     if started:
-        quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+        quiet = {"logging_level": logging.WARNING, "log_to_driver": False,
+                 "job_config": JobConfig(metadata={"job_name": job_name} if job_name else None)}
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
             _check_reachable(address)
@@ -46,7 +57,9 @@ def connect(spec: Spec, address: str | None) -> bool:
             cpus, gpus = os.cpu_count() or 1, _local_gpus()
             spec.check_resources({"CPU": cpus, "GPU": gpus})  # before Ray starts: nothing to clean up
             # address="local": a new Ray even when a `ray start` cluster on this machine would be found
-            ray.init(address="local", num_cpus=cpus, num_gpus=gpus, dashboard_host="127.0.0.1", **quiet)
+            with _bind_local_ray() as host:
+                ray.init(address="local", num_cpus=cpus, num_gpus=gpus, dashboard_host=host,
+                         _system_config={"metrics_report_interval_ms": METRICS_REPORT_MS}, **quiet)
     try:
         spec.check_resources(cluster_capacity())  # a trial that can never fit would wait forever
     except BaseException:
@@ -54,6 +67,35 @@ def connect(spec: Spec, address: str | None) -> bool:
             ray.shutdown()
         raise
     return started
+
+
+@contextlib.contextmanager
+def _bind_local_ray():
+    """While the local Ray starts: its node address is 127.0.0.1 unless $RANKSEARCH_RAY_HOST says
+    otherwise, so the dashboard, its metrics endpoints (the node's /metrics, the dashboard's and
+    the autoscaler's, which answer without a token) and the gRPC services listen on loopback only.
+
+    Ray takes the node address from services.get_node_ip_address(), which answers loopback only
+    when ray_constants.ENABLE_RAY_CLUSTER is off (its default on macOS and Windows): set here
+    for the start only (private API, pinned ray 2.60), with the same setting in the environment
+    the Ray processes inherit. Yields the dashboard host."""
+    host = os.environ.get(HOST_ENV, "127.0.0.1")
+    if host not in ("127.0.0.1", "localhost"):
+        yield host
+        return
+    from ray._private import ray_constants
+
+    saved, saved_env = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(LOOPBACK_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ[LOOPBACK_ENV] = "0"
+    try:
+        yield "127.0.0.1"
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+        if saved_env is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = saved_env
 
 
 def _check_reachable(address: str) -> None:

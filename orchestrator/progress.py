@@ -1,15 +1,7 @@
-"""Live progress of a search: one line per finished trial, and the same numbers as Ray metrics.
+"""Live progress of a search: one line per finished trial.
 
-The terminal line: trials done / running / failed / stopped, and the best value of the
-first objective per method. The Ray metrics (ray.util.metrics gauges, set by the driver;
-each node's metrics agent serves them in Prometheus text format at
-http://<node ip>:<MetricsExportPort>/metrics, prefixed `ray_`, while the search's Ray runs):
-
-- ray_ranksearch_trials{search, method, status}    finished trials (status ok|failed|stopped)
-- ray_ranksearch_best_<metric>{search, budget}     best value of the first objective per budget
-- ray_ranksearch_hypervolume{search, method}       of each method's (metric, params/dense_params)
-                                                   front, reference (0, 1) as in pareto.parquet
-
+The line: trials done / running / failed / stopped, and the best value of the first
+objective per method. The same numbers as Ray metrics come from metrics.py.
 Everything is recomputed from Tune's trial list at each event, so a resumed search
 shows the trials of earlier sessions too.
 """
@@ -17,11 +9,10 @@ shows the trials of earlier sessions too.
 from __future__ import annotations
 
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 
 from ray import tune
 
-from .pareto import hypervolume
 from .records import error_line
 
 BOUNDED = ("accuracy", "auc")  # in [0, 1], maximized: hypervolume reference 0
@@ -48,27 +39,12 @@ def budget_label(result: dict) -> str:
 
 
 class SearchProgress(tune.Callback):
-    """Tune pickles its callbacks with the experiment (for resume): hence no stream or
-    metric objects kept across pickling, only plain settings."""
+    """Tune pickles its callbacks with the experiment (for resume): hence no stream kept,
+    only plain settings."""
 
     def __init__(self, search: str, methods: tuple[str, ...], objectives: list[dict]):
         self.search, self.methods, self.total = search, methods, len(methods)  # methods: one per plan slot
         self.metric, self.mode = objectives[0]["metric"], objectives[0]["mode"]
-        self.hv = self.metric in BOUNDED and self.mode == "max" and {"metric": "params", "mode": "min"} in objectives
-        self.gauges = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "gauges": None}
-
-    def setup(self, **info):
-        from ray.util.metrics import Gauge
-
-        self.gauges = {
-            "trials": Gauge("ranksearch_trials", "finished trials", tag_keys=("search", "method", "status")),
-            "best": Gauge(f"ranksearch_best_{self.metric}", f"best {self.metric} per budget", tag_keys=("search", "budget")),
-            "hv": Gauge("ranksearch_hypervolume", f"hypervolume of each method's ({self.metric}, params/dense_params) front",
-                        tag_keys=("search", "method")),
-        }
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finished(trials, trial, "complete")
@@ -83,8 +59,6 @@ class SearchProgress(tune.Callback):
         counts = Counter(status for _, _, status in finished)
         running = sum(t.status == "RUNNING" and t is not trial for t in trials)
         self._print(trial, trial_status(trial, ending), len(finished), running, counts, self._best(finished))
-        if self.gauges is not None:
-            self._export(finished)
 
     def _best(self, finished: list) -> dict:
         """Best value of the first objective per method, over finished trials."""
@@ -108,26 +82,6 @@ class SearchProgress(tune.Callback):
         print(f"[{done:>{len(str(self.total))}}/{self.total}] {status:<7} {name}  {outcome}  | running {running}, "
               f"failed {counts['failed']}, stopped {counts['stopped']}"
               f"{'  | best ' + self.metric + ': ' + board if board else ''}", file=sys.stdout, flush=True)
-
-    def _export(self, finished: list) -> None:
-        counts = Counter((method, status) for method, _, status in finished)
-        for (method, status), n in counts.items():
-            self.gauges["trials"].set(n, tags={"search": self.search, "method": method, "status": status})
-        ok = [(method, r) for method, r, status in finished if status == "ok" and r.get(self.metric) is not None]
-        per_budget = defaultdict(list)
-        for _, r in ok:
-            per_budget[budget_label(r)].append(r[self.metric])
-        for budget, values in per_budget.items():
-            value = max(values) if self.mode == "max" else min(values)
-            self.gauges["best"].set(value, tags={"search": self.search, "budget": budget})
-        if self.hv:
-            per_method = defaultdict(list)
-            for method, r in ok:
-                if r.get("params") and r.get("dense_params"):
-                    per_method[method].append((r[self.metric], r["params"] / r["dense_params"]))
-            for method, points in per_method.items():
-                value = hypervolume(points, [0.0, 1.0], ["max", "min"])
-                self.gauges["hv"].set(value, tags={"search": self.search, "method": method})
 
 
 def _num(v) -> str:

@@ -66,7 +66,7 @@ def run_search(spec, *, storage_path=None, name=None, address=None, resume=False
     if address and address.startswith("ray://") and not is_uri(storage):
         raise ValueError(f"--storage: with a ray:// address, trials run on the cluster and the driver "
                          f"here: use storage both reach (s3://, gs://), or `ranksearch submit`; got {storage!r}")
-    started = connect(spec, address)
+    started = connect(spec, address, job_name=f"ranksearch:{name}")
     import ray
 
     try:

@@ -45,6 +45,7 @@ def make_tuner(plan: Plan, spec: Spec, storage: str, name: str, resume: bool):
     from ray.tune.logger import JsonLoggerCallback
 
     from .live_report import LiveReport, slot_rows
+    from .metrics import SearchMetrics
     from .progress import SearchProgress
     from .trainable import run_trial
 
@@ -69,10 +70,11 @@ def make_tuner(plan: Plan, spec: Spec, storage: str, name: str, resume: bool):
         reuse_actors=True,  # one worker process runs many trials: no per-trial process start, imports, data load
         trial_name_creator=partial(_trial_name, keys), trial_dirname_creator=partial(_trial_dirname, keys),
     )
+    methods = tuple(slot.cell["method"] for slot in plan.slots)
     run_config = tune.RunConfig(
         name=name, storage_path=storage, verbose=0,
         failure_config=tune.FailureConfig(max_failures=spec.search["max_failures"]),
-        callbacks=[SearchProgress(name, tuple(slot.cell["method"] for slot in plan.slots), spec.objectives),
+        callbacks=[SearchProgress(name, methods, spec.objectives), SearchMetrics(name, methods, spec.objectives),
                    LiveReport(plan.experiment_path, name, slot_rows(plan), spec.objectives), JsonLoggerCallback()],
     )
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)

@@ -109,7 +109,7 @@ def test_run_prints_the_fronts_and_report_rebuilds_them(ray_session, tmp_path, t
     assert main(["report", str(runs / "cli")]) == 0
     assert capsys.readouterr().out.endswith(table)
     assert {p.name for p in (runs / "cli" / "report").iterdir()} == {
-        "trials.parquet", "layers.parquet", "pareto.parquet", "pareto.png", "index.html"}
+        "trials.parquet", "layers.parquet", "pareto.parquet", "pareto.png", "index.html", "cells.parquet"}
 
     assert main(["run", spec, "--storage", str(runs), "--name", "cli"]) == 2  # never mixes two searches
     assert "exists; continue it with `ranksearch resume" in capsys.readouterr().err
