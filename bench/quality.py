@@ -5,7 +5,9 @@ trained the same way (same epochs, optimizer, seeds), on digits by default or MN
 Reported per cell (mean over seeds; ± the spread when there are several): test accuracy and
 its gap to dense, whole-model compression (dense params / params, biases and untensorized
 layers included) and compression of the tensorized layers alone, rank-search time and wall
-time. The papers' targets (MNIST): MLP ≥ 50× within 1 point, LeNet-5 ≥ 20× within 0.5 point.
+time, and for bayesian/l0 `reached / budget` (where the search itself left the model, before
+`select`'s cut). The issue's targets (MNIST): every method ≥ `fixed` at 2 % and 1 %, the best ≥ 100×
+within 1 point of dense; LeNet-5 ≥ 20× within 0.3 point; LWIQ's rank search ≥ 4× cheaper.
 `--jobs N` runs N fits at once in separate processes (each with its own torch threads).
 """
 
@@ -21,24 +23,33 @@ from ranksearch.models.data import load_dataset
 from ranksearch.models.train import fit
 
 METHODS = ("fixed", "posthoc", "bayesian", "l0", "lwiq")
+# named method variants: (method, method_params); "lwiq-paper" measures a dense-trained net (preset paper)
+VARIANTS = {"lwiq-paper": ("lwiq", {"preset": "paper"}), "l0-paper": ("l0", {"preset": "paper"}),
+            "bayesian-paper": ("bayesian", {"preset": "paper"})}
 
 
 def _plan(quick: bool, dataset: str):
-    """(model, formats, budgets, train settings) per model. Budgets are fractions of the
-    tensorized layers' dense parameters, chosen so the whole model lands at about the papers'
-    compressions (MLP ≈ 50×, LeNet-5 ≈ 20×)."""
+    """(model, formats, budgets, train settings, methods, data options) per model. Budgets are
+    fractions of the tensorized layers' dense parameters: 2 % and 1 % put the MLP at about 50x and
+    100x (the issue's targets), 4.5 % LeNet-5 at about 20x."""
     if quick:
-        return [("mlp", ("ttm",), (0.05,), {"epochs": 3, "finetune_epochs": 1, "max_rank": 8, "lr": 1e-2})]
-    if dataset.startswith("mnist"):  # 60k images: fewer epochs reach the same number of steps
+        return [("mlp", ("ttm",), (0.05,), {"epochs": 3, "finetune_epochs": 1, "max_rank": 8, "lr": 1e-2}, METHODS, {})]
+    if dataset.startswith("mnist:"):
+        # 2 shared cores: the issue's 4,000-image training subset (the full 10,000 test images), 10 + 2
+        # epochs, TTM only, no posthoc; LWIQ also as its paper runs it (dense warm-up, decompose at its ranks)
+        methods = ("fixed", "bayesian", "l0", "lwiq", "lwiq-paper")
         return [
-            ("mlp", ("tt", "ttm"), (0.02,), {"epochs": 8, "finetune_epochs": 2, "max_rank": 20, "lr": 2e-3}),
-            # TT at max rank 16 is already under this budget (31.7×): 32 leaves the methods a choice
-            ("lenet5", ("tt",), (0.045,), {"epochs": 6, "finetune_epochs": 1, "max_rank": 32, "lr": 2e-3}),
-            ("lenet5", ("tucker",), (0.045,), {"epochs": 6, "finetune_epochs": 1, "max_rank": 16, "lr": 2e-3}),
+            ("mlp", ("ttm",), (0.02, 0.01), {"epochs": 10, "finetune_epochs": 2, "max_rank": 20, "lr": 2e-3},
+             methods, {"max_train": 4000}),
         ]
+    if dataset == "mnist14":
+        return [("mlp", ("ttm",), (0.02, 0.05), {"epochs": 8, "finetune_epochs": 2, "max_rank": 16, "lr": 1e-2},
+                 ("fixed", "bayesian", "l0", "lwiq", "lwiq-paper"), {})]
     return [
-        ("mlp", ("tt", "ttm"), (0.02, 0.05), {"epochs": 15, "finetune_epochs": 3, "max_rank": 16, "lr": 1e-2}),
-        ("lenet5", ("tt", "tucker"), (0.05,), {"epochs": 15, "finetune_epochs": 3, "max_rank": 16, "lr": 5e-3}),
+        ("mlp", ("tt", "ttm"), (0.02, 0.05), {"epochs": 15, "finetune_epochs": 3, "max_rank": 16, "lr": 1e-2},
+         METHODS, {}),
+        ("lenet5", ("tt", "tucker"), (0.05,), {"epochs": 15, "finetune_epochs": 3, "max_rank": 16, "lr": 5e-3},
+         METHODS, {}),
     ]
 
 
@@ -49,24 +60,28 @@ def _fit(kwargs: dict) -> dict:
     """One run, in this process or a worker; the dataset (one split for every seed) is loaded once per process."""
     kwargs = dict(kwargs)
     torch.set_num_threads(kwargs.pop("threads"))
-    dataset = kwargs["dataset"]
-    if dataset not in _DATA:
-        _DATA[dataset] = load_dataset(dataset, seed=0)
-    record = fit(data=_DATA[dataset], device=kwargs.pop("device"), **kwargs)
-    print(f"  {record['model']} {record['method']} {record['format']} {record['budget']} seed {record['seed']}: "
+    dataset, options, label = kwargs["dataset"], kwargs.pop("data_options"), kwargs.pop("label")
+    key = (dataset, tuple(sorted(options.items())))
+    if key not in _DATA:
+        _DATA[key] = load_dataset(dataset, seed=0, **options)
+    record = fit(data=_DATA[key], device=kwargs.pop("device"), **kwargs)
+    record["label"] = label
+    print(f"  {record['model']} {label} {record['format']} {record['budget']} seed {record['seed']}: "
           f"acc {record['accuracy']:.4f} ({record['compression']:.1f}x)", flush=True)
     return record
 
 
 def _runs(quick: bool, dataset: str, seeds: int, device: str, threads: int) -> list[dict]:
     runs, models = [], set()
-    for model, formats, budgets, train in _plan(quick, dataset):
+    for model, formats, budgets, train, methods, options in _plan(quick, dataset):
         cells = [] if model in models else [("dense", None, None)]  # one dense reference per model
         models.add(model)
-        cells += [(m, f, b) for f in formats for b in budgets for m in METHODS]
-        for method, fmt, budget in cells:
+        cells += [(m, f, b) for f in formats for b in budgets for m in methods]
+        for label, fmt, budget in cells:
+            method, params = VARIANTS.get(label, (label, {}))
             for seed in range(seeds):
                 runs.append({"model": model, "dataset": dataset, "method": method, "format": fmt, "budget": budget,
+                             "method_params": params, "label": label, "data_options": options,
                              "train": {**train, "seed": seed}, "device": device, "threads": threads})
     return runs
 
@@ -84,7 +99,7 @@ def _rows(records: list[dict]) -> list[dict]:
     """One row per cell: means over its seeds, the gap to the same model's dense mean."""
     cells: dict[tuple, list[dict]] = {}
     for r in records:
-        cells.setdefault((r["model"], r["method"], r["format"], r["budget"]), []).append(r)
+        cells.setdefault((r["model"], r.get("label", r["method"]), r["format"], r["budget"]), []).append(r)
     dense = {key[0]: statistics.mean(r["accuracy"] for r in rs) for key, rs in cells.items() if key[1] == "dense"}
     rows = []
     for (model, method, fmt, budget), rs in cells.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 # Never uploaded as the job's working_dir: environments, results, caches. (This list replaces
 # Ray's default excludes, which are the first four, so Ray does not warn about each of them.)
 SUBMIT_EXCLUDES = [".git", ".venv", "venv", "__pycache__", "runs", "bench/out", "*.egg-info", ".pytest_cache"]
-DEMO_PRESET = "digits-quick"
+DEMO_PRESET = "mnist14-demo"
 
 
 def _print_result(report_dir) -> None:
@@ -29,26 +30,44 @@ def _print_result(report_dir) -> None:
         print(f"\n{cells_text(report_dir)}")
 
 
+EXIT_FAILED = 1  # every trial failed: the search ran but measured nothing
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report it
+
+
+def _finish(result) -> int:
+    """Reports, then the exit code: 130 after Ctrl-C (with the resume command), 1 when every trial failed."""
+    _print_result(result.report_dir)
+    if result.interrupted or result.unfinished:
+        why = "interrupted" if result.interrupted else "stopped (time budget)"
+        print(f"\n{why}: {result.unfinished} trial(s) unfinished; continue with: "
+              f"ranksearch resume {shlex.quote(result.experiment_path)}", file=sys.stderr)
+        if result.interrupted:
+            return EXIT_INTERRUPTED
+    if result.first_error:
+        print(f"ranksearch: every trial failed; the first: {result.first_error}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
 def cmd_run(args) -> int:
     from .search import run_search
 
-    result = run_search(args.spec, storage_path=args.storage, name=args.name, address=args.address)
-    _print_result(result.report_dir)
-    return 0
+    return _finish(run_search(args.spec, storage_path=args.storage, name=args.name, address=args.address))
 
 
 def cmd_resume(args) -> int:
     from .search import resume_search
 
-    result = resume_search(args.dir, address=args.address)
-    _print_result(result.report_dir)
-    return 0
+    return _finish(resume_search(args.dir, address=args.address))
 
 
 def cmd_report(args) -> int:
     from .search import regenerate_reports
 
-    _print_result(regenerate_reports(args.dir))
+    report_dir, unreadable = regenerate_reports(args.dir)
+    _print_result(report_dir)
+    for trial_id, why in unreadable.items():
+        print(f"ranksearch report: left out an unreadable record: {why}", file=sys.stderr)
     return 0
 
 
@@ -148,7 +167,7 @@ def _wait(client, job_id: str, poll_s: float = 2.0) -> str:
 
 
 def cmd_demo(args) -> int:
-    """The digits-quick preset: every method on bundled digits, a few minutes on 2 CPUs."""
+    """The mnist14-demo preset: every method vs fixed and dense on bundled 14x14 MNIST, two seeds."""
     from .search import run_search
 
     result = run_search(DEMO_PRESET, storage_path=args.storage, name=args.name)

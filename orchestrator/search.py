@@ -3,25 +3,27 @@
 A bad search fails before anything starts: the spec is validated (SpecError), then
 connect.py checks resources and storage before any trial is submitted.
 
-Resume semantics: the experiment's records (records.py) say what finished. Tune's
-experiment state is restored (`Tuner.restore`: unfinished trials resumed, errored ones
-kept as failed); any trial Tune restarts or re-suggests whose record exists reports
-that record instead of training (trainable.py), so no finished trial is lost or re-run.
-A driver killed before Tune saved any state resumes as a fresh Tuner over the same
-records, with the same effect.
+Resume semantics: the records (records.py) say what finished; nothing else is read back.
+Resume re-plans the search from `spec.json` (validated like any spec), sets aside records
+that fail their check (`records/.invalid/`), and runs a fresh Tuner over exactly the slots
+without a valid record; trials recorded as ok, failed or stopped are kept as they are.
+Tune's saved state (tuner.pkl and its snapshots) is never restored: restoring unpickles
+it, and experiment folders may be shared storage others can write.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ranksearch.search_spaces import load_spec
+from ranksearch.search_spaces import SpecError, load_spec
 
 from .connect import check_shared_storage, connect
+from .interrupt import InterruptStopper
 from .plan import Plan, build_plan
 from .records import ExperimentFiles, error_line, is_uri
 from .report import load_reports, write_reports
@@ -35,6 +37,8 @@ class SearchResult:
     experiment_path: str
     report_dir: Path
     records: list[dict] = field(repr=False)
+    unfinished: int = 0  # slots without a record: > 0 after an interrupt or a time budget
+    interrupted: bool = False  # Ctrl-C stopped it; `ranksearch resume experiment_path` continues
 
     @property
     def trials(self):
@@ -45,6 +49,13 @@ class SearchResult:
     def pareto(self):
         """pareto.parquet as a pandas DataFrame."""
         return load_reports(self.report_dir)["pareto"]
+
+    @property
+    def first_error(self) -> str | None:
+        """The error of the first failed trial when every trial failed (a search that did nothing), else None."""
+        if not self.records or any(r["status"] != "failed" for r in self.records):
+            return None
+        return f"{self.records[0]['trial_id']}: {self.records[0].get('error')}"
 
 
 def run_search(spec, *, storage_path=None, name=None, address=None, resume=False) -> SearchResult:
@@ -66,19 +77,49 @@ def run_search(spec, *, storage_path=None, name=None, address=None, resume=False
     if address and address.startswith("ray://") and not is_uri(storage):
         raise ValueError(f"--storage: with a ray:// address, trials run on the cluster and the driver "
                          f"here: use storage both reach (s3://, gs://), or `ranksearch submit`; got {storage!r}")
-    started = connect(spec, address, job_name=f"ranksearch:{name}")
-    import ray
+    done = usable_records(plan, files) if resume else {}
+    todo = tuple(slot.index for slot in plan.slots if slot.key not in done)
+    stopper = InterruptStopper()
+    if todo:
+        started = connect(spec, address, job_name=f"ranksearch:{name}")
+        import ray
 
-    try:
-        check_shared_storage(storage)
-        files.write_spec(spec.to_dict())
-        with tune_environment():
-            grid = make_tuner(plan, spec, storage, name, resume).fit()
-        records = collect_records(plan, grid, files)
-    finally:
-        if started:
-            ray.shutdown()
-    return SearchResult(experiment_path, _publish_reports(records, experiment_path, spec.objectives), records)
+        try:
+            check_shared_storage(storage)
+            files.write_spec(spec.to_dict())
+            with tune_environment(), stopper.catching():
+                tuner, scheduler = make_tuner(plan, spec, storage, name, todo, list(done.values()), stopper)
+                grid = tuner.fit()
+            collect_records(plan, grid, files, getattr(scheduler, "history", {}), getattr(scheduler, "stopped", set()))
+        finally:
+            if started:
+                ray.shutdown()
+    records = [r for r in files.records() if r["trial_id"] in {slot.key for slot in plan.slots}]
+    unfinished = len(plan.slots) - len(records)
+    report_dir = _publish_reports(records, experiment_path, spec.objectives)
+    return SearchResult(experiment_path, report_dir, records, unfinished, stopper.hit)
+
+
+def usable_records(plan: Plan, files: ExperimentFiles) -> dict[str, dict]:
+    """The valid records of the plan's slots, by trial key. Unusable ones (corrupt, foreign, not
+    matching their slot) are moved to records/.invalid/ and named on stderr: their trials run again."""
+    slots = {slot.key: slot for slot in plan.slots}
+    records, bad = files.scan()
+    done = {}
+    for record in records:
+        slot = slots.get(record["trial_id"])
+        if slot is None:
+            continue  # not a trial of this spec: left alone, not reported
+        mismatch = [k for k in ("model", "method", "format") if record.get(k) != slot.cell[k]]
+        if mismatch:
+            bad[slot.key] = f"{files.dir}/{slot.key}.json: {mismatch[0]} {record.get(mismatch[0])!r} is not its trial's"
+            continue
+        done[slot.key] = record
+    for key, problem in bad.items():
+        moved = files.set_aside(key)
+        print(f"ranksearch: unusable record set aside, its trial runs again: {problem} (now {moved})",
+              file=sys.stderr, flush=True)
+    return done
 
 
 def resume_search(experiment_path: str, *, address=None) -> SearchResult:
@@ -88,38 +129,70 @@ def resume_search(experiment_path: str, *, address=None) -> SearchResult:
     spec = ExperimentFiles(path).read_spec()
     if spec is None:
         raise FileNotFoundError(f"{path}: no spec.json here; not a ranksearch experiment directory")
+    try:
+        spec = load_spec(spec)
+    except SpecError as exc:
+        raise SpecError(exc.errors, f"{path}/spec.json") from None
     storage, _, name = path.rpartition("/")
     return run_search(spec, storage_path=storage, name=name, address=address, resume=True)
 
 
-def regenerate_reports(experiment_path: str) -> Path:
-    """Rebuild the reports of an experiment from its records alone (`ranksearch report DIR`)."""
+def regenerate_reports(experiment_path: str) -> tuple[Path, dict[str, str]]:
+    """Rebuild the reports of an experiment from its records alone (`ranksearch report DIR`):
+    (report dir, {trial_id: why} for the records left out as unreadable)."""
     files = ExperimentFiles(experiment_path)
-    spec, records = files.read_spec(), files.records()
-    if spec is None and not records:
+    spec = files.read_spec()
+    records, bad = files.scan()
+    if spec is None and not records and not bad:
         raise FileNotFoundError(f"{experiment_path}: no spec.json and no records/; not a ranksearch experiment")
-    return _publish_reports(records, experiment_path, spec["objectives"] if spec else None)
+    try:
+        objectives = load_spec(spec).objectives if spec else None
+    except SpecError as exc:
+        raise SpecError(exc.errors, f"{files.root}/spec.json") from None
+    return _publish_reports(records, experiment_path, objectives), bad
 
 
 # --- results -------------------------------------------------------------------
 
 
-def collect_records(plan: Plan, grid, files: ExperimentFiles) -> list[dict]:
-    """All records: the trials' own, plus ones written here for trials that never wrote one
-    (Tune errors after max_failures retries: failed; early stops by the scheduler: stopped)."""
+def collect_records(plan: Plan, grid, files: ExperimentFiles, history: dict | None = None,
+                    stopped: set | None = None) -> list[dict]:
+    """All records: the trials' own, plus ones written here for trials that never wrote one:
+    Tune errors after max_failures retries (failed) and early stops by the scheduler (stopped,
+    with the rows the scheduler saw). A trial cut short otherwise (Ctrl-C, time budget) gets
+    no record, so resume runs it."""
+    history, stopped = history or {}, stopped or set()
     for result in grid:
-        slot = plan.slots[result.config["slot"]]
+        config = getattr(result, "config", None) or {}
+        if "slot" not in config:
+            continue  # never started
+        slot = plan.slots[config["slot"]]
         metrics = result.metrics or {}
-        if files.get_record(slot.key) is not None or not (metrics or result.error):
-            continue  # has its record, or never ran
-        record = plan.base_record(slot, result.config) | {"tune_trial_id": metrics.get("trial_id")}
+        if files.get_record(slot.key) is not None:
+            continue
+        record = plan.base_record(slot, config) | {"tune_trial_id": metrics.get("trial_id")}
         if result.error:
-            record |= {"status": "failed", "error": error_line(result.error)}
+            record |= {"status": "failed", "error": error_line(result.error), "history": history.get(slot.key, [])}
+        elif slot.key in stopped:
+            record |= stopped_record(history.get(slot.key, []), plan.spec["objectives"])
         else:
-            record |= {"status": "stopped", "error": None, "epochs_done": metrics.get("epoch"),
-                       "params": metrics.get("params")}
+            continue
         files.write_record(record)
     return files.records()
+
+
+def stopped_record(rows: list[dict], objectives: list[dict]) -> dict:
+    """What a stopped trial keeps: its rows, epochs_done, and the metrics of its last epoch
+    (`accuracy` = the validation accuracy at the stop; `stopped_phase` says whether the model was
+    at its budget then)."""
+    last = rows[-1] if rows else {}
+    record = {"status": "stopped", "error": f"stopped by the scheduler after {len(rows)} epoch(s)",
+              "history": rows, "epochs_done": last.get("epoch", len(rows)), "params": last.get("params"),
+              "stopped_phase": last.get("phase")}
+    for key, value in last.items():
+        if key.startswith("val_"):
+            record[key[len("val_"):]] = value
+    return record
 
 
 def _publish_reports(records: list[dict], experiment_path: str, objectives) -> Path:

@@ -1,13 +1,12 @@
-"""The Tune experiment of a plan: search algorithm, scheduler, resources, restore."""
+"""The Tune experiment of a plan: search algorithm, scheduler, resources."""
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from functools import partial
 
-from ranksearch.search_spaces import Spec, is_distribution
+from ranksearch.search_spaces import Spec
 
 from .plan import DRIVER_CPU, EPOCH_METRICS, Plan
 
@@ -20,6 +19,7 @@ TUNE_ENV = {
     # Per-trial logs: result.json only (JsonLoggerCallback below); CSV and TensorBoard copies
     # cost a file writer per trial and hold nothing the records and result.json do not.
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    "TUNE_DISABLE_SIGINT_HANDLER": "1",  # Ctrl-C is ours (interrupt.py): stop, report, say how to resume
 }
 
 
@@ -39,8 +39,13 @@ def tune_environment():
                 os.environ[key] = value
 
 
-def make_tuner(plan: Plan, spec: Spec, storage: str, name: str, resume: bool):
-    """A new Tuner over the plan's slots, or with resume=True the saved one when Tune left state."""
+def make_tuner(plan: Plan, spec: Spec, storage: str, name: str, todo: tuple[int, ...], done: list[dict], stopper):
+    """A new Tuner over the plan's slots `todo` (indices), with `done` the valid records of the others.
+
+    Always a fresh Tuner, also on resume: Tune's own saved state (`tuner.pkl`, searcher and
+    experiment snapshots) is never restored, since restoring unpickles files from storage; the
+    records say what ran, and the searcher and scheduler are seeded from them (searcher.py,
+    early_stop.py). Returns (tuner, scheduler)."""
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
@@ -50,37 +55,26 @@ def make_tuner(plan: Plan, spec: Spec, storage: str, name: str, resume: bool):
     from .trainable import run_trial
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), _resources(spec.resources))
-    path = f"{storage.rstrip('/')}/{name}"
-    if resume and tune.Tuner.can_restore(path):
-        # Tune re-reads the old trials' result files and warns about those the killed driver never
-        # flushed; the records are what counts, so that warning is noise here.
-        analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
-        level = analysis_log.level
-        analysis_log.setLevel(logging.ERROR)
-        try:
-            return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
-                                      restart_errored=False)
-        finally:
-            analysis_log.setLevel(level)
     keys = tuple(slot.key for slot in plan.slots)
-    search_alg, param_space, num_samples = _search_alg(plan, spec)
+    search_alg, param_space, num_samples = _search_alg(plan, spec, todo, done)
+    scheduler = _scheduler(plan, spec, done)
     tune_config = tune.TuneConfig(
-        search_alg=search_alg, scheduler=_scheduler(spec), num_samples=num_samples,
+        search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
         time_budget_s=spec.search["time_budget_s"],
         reuse_actors=True,  # one worker process runs many trials: no per-trial process start, imports, data load
         trial_name_creator=partial(_trial_name, keys), trial_dirname_creator=partial(_trial_dirname, keys),
     )
     methods = tuple(slot.cell["method"] for slot in plan.slots)
     run_config = tune.RunConfig(
-        name=name, storage_path=storage, verbose=0,
+        name=name, storage_path=storage, verbose=0, stop=stopper,
         failure_config=tune.FailureConfig(max_failures=spec.search["max_failures"]),
         callbacks=[SearchProgress(name, methods, spec.objectives), SearchMetrics(name, methods, spec.objectives),
                    LiveReport(plan.experiment_path, name, slot_rows(plan), spec.objectives), JsonLoggerCallback()],
     )
-    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config), scheduler
 
 
-def _search_alg(plan: Plan, spec: Spec):
+def _search_alg(plan: Plan, spec: Spec, todo: tuple[int, ...], done: list[dict]):
     """(search_alg, param_space, num_samples): Tune's grid + sampling, or one Optuna study per cell.
     Sampling is seeded with the first training seed: the same spec draws the same values."""
     from ray import tune
@@ -89,17 +83,23 @@ def _search_alg(plan: Plan, spec: Spec):
     if spec.search["searcher"] == "grid":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        param_space = {"slot": tune.grid_search(list(range(len(plan.slots)))), **plan.full_space()}
+        param_space = {"slot": tune.grid_search(list(todo)), **plan.full_space()}
         return BasicVariantGenerator(random_state=seed, max_concurrent=limit), param_space, 1
     from ray.tune.search import ConcurrencyLimiter
 
     from .searcher import CellSearch
 
     metrics, modes = [o["metric"] for o in spec.objectives], [o["mode"] for o in spec.objectives]
-    searcher = CellSearch(plan, metrics, modes, seed)
+    searcher = CellSearch(plan, metrics, modes, seed, todo=todo, done=done, epoch_metric=_epoch_metric(spec))
     if limit:
         searcher = ConcurrencyLimiter(searcher, max_concurrent=limit)
-    return searcher, {}, len(plan.slots)
+    return searcher, {}, len(todo)
+
+
+def _epoch_metric(spec: Spec) -> str:
+    """The per-epoch value early stopping and Optuna's intermediate values read."""
+    metric = spec.search["asha_metric"] or spec.objectives[0]["metric"]
+    return EPOCH_METRICS.get(metric, f"val_{metric}")
 
 
 def _trial_name(keys, trial) -> str:
@@ -133,23 +133,13 @@ def _max_concurrent(spec: Spec) -> int:
     return max(1, min(cap or fits, fits))
 
 
-def _scheduler(spec: Spec):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def _scheduler(plan: Plan, spec: Spec, done: list[dict]):
+    from ray.tune.schedulers import FIFOScheduler
+
+    from .early_stop import CellASHA
 
     search = spec.search
     if search["scheduler"] != "asha":
         return FIFOScheduler()
-    metric = search["asha_metric"]
-    mode = next(o["mode"] for o in spec.objectives if o["metric"] == metric)
-    epochs = sum(_upper(spec.train[k]) for k in ("epochs", "finetune_epochs"))
-    # stop_last_trials=False: a trial that reaches the last epoch finishes and writes its record.
-    return ASHAScheduler(time_attr="epoch", metric=EPOCH_METRICS[metric], mode=mode, max_t=max(epochs, 1),
-                         grace_period=1, stop_last_trials=False)
-
-
-def _upper(value):
-    """The largest value a setting can take (a distribution's upper end)."""
-    if not is_distribution(value):
-        return value
-    ((kind, args),) = value.items()
-    return max(args)
+    mode = next(o["mode"] for o in spec.objectives if o["metric"] == search["asha_metric"])
+    return CellASHA(plan, _epoch_metric(spec), mode, done)

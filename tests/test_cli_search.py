@@ -104,6 +104,7 @@ def test_run_prints_the_fronts_and_report_rebuilds_them(ray_session, tmp_path, t
     assert "[2/2] ok" in out and f"reports: {runs / 'cli' / 'report'}" in out
     table = out[out.index("group"):]
     assert "mlp/fixed" in table and "hypervolume reference point" in table
+    assert "cells (mean over seeds" in table and "single seed per cell" in table  # orchestrator/cells.py
 
     shutil.rmtree(runs / "cli" / "report")
     assert main(["report", str(runs / "cli")]) == 0

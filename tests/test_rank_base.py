@@ -137,3 +137,9 @@ def test_layer_scope_leaves_the_choice_within_a_layer_to_importance():
     assert cut("edge") == [4, 3, 4]  # per parameter saved (0.3/128 < 0.25/80), the middle slice went
     with pytest.raises(ValueError, match="cost_scope"):
         cut("everything")
+
+
+@pytest.mark.parametrize("bad", [{"cost_scope": "slice"}, {"cost_power": -1}, {"cost_power": "high"}])
+def test_cost_options_are_checked_when_the_method_is_made(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        make_method("bayesian", **bad)

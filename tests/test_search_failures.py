@@ -47,11 +47,14 @@ def test_tune_errors_and_early_stops_get_records(tmp_path, tiny_spec):
         SimpleNamespace(config={"slot": 2}, metrics={"trial_id": "t2", "epoch": 1, "params": 99}, error=None),
         SimpleNamespace(config={"slot": 3}, metrics={}, error=None),  # never started (time budget)
     ]
-    records = {r["trial_id"]: r for r in search.collect_records(plan, grid, files)}
+    rows = [{"epoch": 1, "phase": "train", "val_accuracy": 0.25, "params": 99}]
+    records = {r["trial_id"]: r for r in search.collect_records(plan, grid, files, {plan.slots[2].key: rows},
+                                                                  {plan.slots[2].key})}
     assert records[plan.slots[0].key] == finished
     died = records[plan.slots[1].key]
     assert died["status"] == "failed" and died["tune_trial_id"] == "t1"
     assert died["error"] == "ray.exceptions.OutOfMemoryError: Task was killed due to the node running low on memory."
     stopped = records[plan.slots[2].key]
     assert (stopped["status"], stopped["epochs_done"], stopped["params"]) == ("stopped", 1, 99)
+    assert stopped["accuracy"] == 0.25 and stopped["history"] == rows  # what it measured is kept
     assert plan.slots[3].key not in records

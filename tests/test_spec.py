@@ -47,7 +47,7 @@ def test_every_preset_loads_and_round_trips(name):
 
 
 def test_the_documented_presets_exist():
-    expected = {"digits-quick", "mnist-mlp", "mnist-lenet5", "cifar10-resnet56", "criteo-dlrm", "synthetic-dlrm"}
+    expected = {"digits-quick", "mnist14-demo", "mnist-mlp", "mnist-lenet5", "cifar10-resnet56", "criteo-dlrm", "synthetic-dlrm"}
     assert expected <= set(list_presets())
 
 

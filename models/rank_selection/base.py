@@ -24,7 +24,7 @@ from torch import nn
 
 from ranksearch.models.tensorized import FactorizedLayer, factorized_layers
 
-from .budget import prune_to_budget, tensorized_params
+from .budget import COST_SCOPES, prune_to_budget, tensorized_params
 from .schedule import CutSchedule, cut_to
 
 
@@ -40,6 +40,11 @@ class RankMethod(nn.Module):
         fraction = self.hp.get("search_fraction", 1.0)
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise ValueError(f"search_fraction: expected a fraction in (0, 1], got {fraction!r}")
+        if self.hp.get("cost_scope", "layer") not in COST_SCOPES:
+            raise ValueError(f"cost_scope: expected one of {', '.join(COST_SCOPES)}, got {self.hp['cost_scope']!r}")
+        power = self.hp.get("cost_power", 0.0)
+        if isinstance(power, bool) or not isinstance(power, (int, float)) or power < 0:
+            raise ValueError(f"cost_power: expected a number >= 0, got {power!r}")
         self.layers: dict[str, FactorizedLayer] = {}
         self.budget_params: int | None = None
         self.reached_params: int | None = None  # where the search left the model, before select's cut
