@@ -22,7 +22,7 @@ from ranksearch.models.rank_selection.hyperparams import METHOD_DEFAULTS, METHOD
 from ranksearch.models.tensorized.names import FORMATS
 from ranksearch.models.zoo.names import MODELS, REC_MODELS
 
-from .errors import Errors, join, suggest
+from .errors import Errors, join, short, suggest
 from .values import Scalar, check, check_param, is_distribution
 
 DENSE = "dense"  # the uncompressed baseline: one trial per model, formats and budgets ignored
@@ -80,6 +80,8 @@ TRAIN_BOUNDS = {
     "table_lr": "positive",
 }
 TRAIN_KEYS = tuple(k for k in TRAIN_DEFAULTS if k != "seed")  # seeds live in search.seeds
+MAX_LIST = 1_000  # items in one list of the spec (seeds, models, budgets, ...)
+MAX_TRIALS = 10_000  # trials one spec may expand to: beyond, a typo (samples_per_cell: 1000000000) more likely than a plan
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # it names the run directory
 
 
@@ -109,6 +111,7 @@ def validate(raw: Any, *, default_name: str = "search", source: str | None = Non
         "storage": _optional(raw.get("storage"), Scalar(str), "storage", errors),
     }
     _check_search(spec, errors)
+    _check_size(spec, errors)
     _check_resources(spec["resources"], errors)
     _check_dataset_fits_models(spec, errors)
     errors.raise_if_any(source)
@@ -127,14 +130,18 @@ def _mapping(value: Any, path: str, errors: Errors) -> dict:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        errors.add(path, f"expected a mapping, got {value!r}")
+        errors.add(path, f"expected a mapping, got {short(value)}")
         return {}
     return dict(value)
 
 
-def _as_list(value: Any) -> list:
-    """One or more: a lone value stands for a list of one."""
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+def _as_list(value: Any, path: str = "", errors: Errors | None = None) -> list:
+    """One or more: a lone value stands for a list of one; at most MAX_LIST items (the rest is an error)."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(items) > MAX_LIST and errors is not None:
+        errors.add(path, f"{len(items):,} items; at most {MAX_LIST:,}")
+        items = items[:MAX_LIST]
+    return items
 
 
 def _optional(value: Any, scalar: Scalar, path: str, errors: Errors) -> Any:
@@ -154,7 +161,7 @@ def _unique(items: list, path: str, errors: Errors) -> list:
 
 def _name(value: Any, errors: Errors) -> str | None:
     if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
-        errors.add("name", f"expected letters, digits, '_', '.' or '-' (it names the run directory), got {value!r}")
+        errors.add("name", f"expected letters, digits, '_', '.' or '-' (it names the run directory), got {short(value)}")
         return None
     return value
 
@@ -166,13 +173,13 @@ def _names(value: Any, path: str, accepted, errors: Errors, *, required: bool) -
             errors.add(path, f"required; list one or more of: {', '.join(accepted)}")
         return []
     name = Scalar(str, choices=accepted)
-    return _unique([check(v, name, join(path, i), errors) for i, v in enumerate(_as_list(value))], path, errors)
+    return _unique([check(v, name, join(path, i), errors) for i, v in enumerate(_as_list(value, path, errors))], path, errors)
 
 
 def _dataset(value: Any, errors: Errors) -> str | None:
     usages = ", ".join(DATASETS.values())
     if not isinstance(value, str):
-        errors.add("dataset", f"expected one of: {usages}, got {value!r}")
+        errors.add("dataset", f"expected one of: {usages}, got {short(value)}")
         return None
     kind, colon, where = value.partition(":")
     if check(kind, Scalar(str, choices=tuple(DATASETS)), "dataset", errors) is None:
@@ -182,7 +189,7 @@ def _dataset(value: Any, errors: Errors) -> str | None:
         errors.add("dataset", f"{kind!r} needs a location: {DATASETS[kind]}")
         return None
     if colon and not takes_path:
-        errors.add("dataset", f"{kind!r} takes no location, got {value!r}")
+        errors.add("dataset", f"{kind!r} takes no location, got {short(value)}")
         return None
     return value
 
@@ -238,19 +245,24 @@ def _budgets(value: Any, errors: Errors, *, required: bool) -> list:
         if required:
             errors.add("budgets", "required; list fractions in (0, 1] or {params: N} counts")
         return []
-    return _unique([_budget(v, join("budgets", i), errors) for i, v in enumerate(_as_list(value))], "budgets", errors)
+    return _unique([_budget(v, join("budgets", i), errors) for i, v in enumerate(_as_list(value, "budgets", errors))], "budgets", errors)
 
 
 def _budget(value: Any, path: str, errors: Errors) -> float | dict | None:
+    """One rule, here and on the CLI: an integer >= 2 or {params: N} is a parameter count, anything
+    else a fraction in (0, 1] (so 1 is the whole dense size, 1.0 too)."""
     if isinstance(value, Mapping):
         check_keys(value, ("params",), path, errors)
         count = check(value.get("params"), Scalar(int, "positive"), join(path, "params"), errors)
         return None if count is None else {"params": count}
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 2:
+        return {"params": value}
     fraction = Scalar(float).parse(value)
     if fraction is None:
-        errors.add(path, f"expected a fraction in (0, 1] or {{params: N}}, got {value!r}")
+        errors.add(path, f"expected a fraction in (0, 1], or a parameter count (an integer >= 2 or {{params: N}}), "
+                         f"got {short(value)}")
     elif not 0 < fraction <= 1:
-        errors.add(path, f"{value} is outside (0, 1]; use {{params: N}} for an absolute count")
+        errors.add(path, f"{value} is outside (0, 1]; an integer >= 2 or {{params: N}} is a parameter count")
         return None
     return fraction
 
@@ -281,7 +293,7 @@ def _fields(value: Any, fields: dict, path: str, errors: Errors) -> dict:
         if key not in given:
             section[key] = list(default) if isinstance(default, list) else default
         elif isinstance(default, list):
-            items = [check(v, scalar, join(where, i), errors) for i, v in enumerate(_as_list(given[key]))]
+            items = [check(v, scalar, join(where, i), errors) for i, v in enumerate(_as_list(given[key], where, errors))]
             section[key] = _unique(items, where, errors)
             if not items:
                 errors.add(where, "expected at least one value")
@@ -298,11 +310,11 @@ def _objectives(value: Any, models: list, errors: Errors) -> list:
     if not _as_list(value):
         errors.add("objectives", "list at least one objective")
     objectives, metrics = [], []
-    for i, item in enumerate(_as_list(value)):
+    for i, item in enumerate(_as_list(value, "objectives", errors)):
         path = join("objectives", i)
         item = {"metric": item} if isinstance(item, str) else item
         if not isinstance(item, Mapping):
-            errors.add(path, f"expected {{metric: M, mode: max|min}}, got {item!r}")
+            errors.add(path, f"expected {{metric: M, mode: max|min}}, got {short(item)}")
             continue
         check_keys(item, ("metric", "mode"), path, errors)
         metric = check(item.get("metric"), Scalar(str, choices=tuple(METRIC_MODES)), join(path, "metric"), errors)
@@ -338,6 +350,21 @@ def _check_search(spec: dict, errors: Errors) -> None:
             "search.samples_per_cell",
             f"{search['samples_per_cell']} samples per cell but no distribution to sample; use search.seeds to repeat trials",
         )
+
+
+def _check_size(spec: dict, errors: Errors) -> None:
+    """How many trials the spec expands to (as plan.build_plan counts them), within MAX_TRIALS."""
+    train_sampled = any(is_distribution(v) for v in spec["train"].values())
+    samples, seeds = spec["search"]["samples_per_cell"] or 1, len(spec["search"]["seeds"] or [0])
+    per_model = 0
+    for method, params in spec["methods"].items():
+        cells = 1 if method == DENSE else len(spec["formats"]) * len(spec["budgets"])
+        sampled = train_sampled or any(is_distribution(v) for v in params.values())
+        per_model += cells * (samples if sampled else 1)
+    trials = len(spec["models"]) * per_model * seeds
+    if trials > MAX_TRIALS:
+        errors.add("search", f"the spec expands to {trials:,} trials (models x formats x methods x budgets x "
+                             f"seeds {seeds} x samples_per_cell {samples:,}); at most {MAX_TRIALS:,} per search")
 
 
 def _check_resources(resources: dict, errors: Errors) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import Errors, closest, join, suggest
+from .errors import Errors, closest, join, short, suggest
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 _NOUNS = {int: "integer", float: "number", str: "string"}
@@ -71,7 +71,7 @@ def check(value: Any, scalar: Scalar, path: str, errors: Errors) -> Any:
     if parsed is None:
         near = closest(value, scalar.choices) if scalar.choices and isinstance(value, str) else None
         hint = f"; did you mean {near!r}?" if near else ""
-        errors.add(path, f"expected {scalar.describe()}, got {value!r}{hint}")
+        errors.add(path, f"expected {scalar.describe()}, got {short(value)}{hint}")
     return parsed
 
 
@@ -88,12 +88,12 @@ def _check_distribution(value: Mapping, scalar: Scalar, path: str, errors: Error
         return None
     ((kind, args),) = value.items()
     if kind not in DISTRIBUTIONS:
-        errors.add(path, f"unknown distribution {kind!r}; {suggest(kind, DISTRIBUTIONS)}")
+        errors.add(path, f"unknown distribution {short(kind)}; {suggest(kind, DISTRIBUTIONS)}")
         return None
     where = join(path, kind)
     if kind == "choice":
         if not isinstance(args, list) or not args:
-            errors.add(where, f"expected a non-empty list of options, got {args!r}")
+            errors.add(where, f"expected a non-empty list of options, got {short(args)}")
             return None
         return {kind: [check(option, scalar, join(where, i), errors) for i, option in enumerate(args)]}
     needed = int if kind == "int" else float
@@ -103,7 +103,7 @@ def _check_distribution(value: Mapping, scalar: Scalar, path: str, errors: Error
         errors.add(path, f"{kind!r} does not fit a field that expects {scalar.describe()}; search it with {ways}")
         return None
     if not isinstance(args, list) or len(args) != 2:
-        errors.add(where, f"expected [lo, hi], got {args!r}")
+        errors.add(where, f"expected [lo, hi], got {short(args)}")
         return None
     lo, hi = (check(bound, scalar, join(where, i), errors) for i, bound in enumerate(args))
     if lo is None or hi is None:

@@ -2,8 +2,10 @@
 Each is a clear error naming the file or argument (exit 2), never a traceback or executed code."""
 
 import json
+import time
 
 import pandas as pd
+import pytest
 
 from ranksearch.orchestrator.cli import main
 from ranksearch.orchestrator.plan import build_plan
@@ -61,3 +63,37 @@ def test_records_with_wrong_fields_are_unreadable_not_crashes(tmp_path, tiny_spe
     assert "accuracy: expected a number, got 'high'" in bad[b] and "params: expected a non-negative" in bad[c]
     (tmp_path / "exp" / "records" / f"{a}.json").write_text(json.dumps(good | {"trial_id": "other"}))
     assert "does not match its file name" in files.read_record(a)[1]
+
+
+def billion_laughs() -> str:
+    lines = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"{c}: &{c} [{', '.join(['*' + p] * 10)}]" for p, c in zip("abcdefgh", "bcdefghi")]
+    return "models:\n" + "\n".join(f"  {line}" for line in lines) + "\n"
+
+
+HOSTILE_SPECS = {  # name -> (file content, what the error says)
+    "billion laughs": (billion_laughs(), "expands to more than 100,000 values"),
+    "deep nesting": ("models: " + "[" * 50_000 + "]" * 50_000 + "\n", "nested deeper than 32 levels"),
+    "huge file": ("name: big\n" + "".join(f"k{i}: {i}\n" for i in range(40_000)), "a spec may be at most 262,144"),
+    "not utf-8": (b"name: caf\xe9\nmodels: [mlp]\n", "not UTF-8 text (byte 0xe9 at offset 9)"),
+    "a billion trials": (None, "the spec expands to 1,000,000,000 trials"),
+    "a long value": (None, "... (200,002 characters)"),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_SPECS)
+def test_hostile_specs_are_refused_quickly_and_briefly(tmp_path, tiny_spec, capsys, name):
+    content, expected = HOSTILE_SPECS[name]
+    if name == "a billion trials":
+        content = json.dumps(tiny_spec(train={"lr": {"loguniform": [1e-3, 1e-2]}},
+                                       search={"samples_per_cell": 1_000_000_000}))
+    elif name == "a long value":
+        content = json.dumps(tiny_spec(models=["x" * 200_000]))
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    start = time.perf_counter()
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert time.perf_counter() - start < 5, "bounded input must be refused in moments"
+    assert expected in err and str(path) in err, err
+    assert len(err) < 2_000 and "Traceback" not in err

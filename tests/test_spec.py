@@ -173,9 +173,9 @@ INVALID = {
     "unknown hyperparameter": ({"methods": {"l0": {"lamda": 0.1}}}, "methods.l0.lamda: unknown hyperparameter; did you mean 'lam'?"),
     "hyperparameter of a method without any": ({"methods": {"fixed": {"lam": 1}}}, "methods.fixed.lam: unknown hyperparameter; none are accepted here"),
     "hyperparameter of the wrong type": ({"methods": {"l0": {"freeze_at_target": "yes please"}}}, "methods.l0.freeze_at_target: expected true or false"),
-    "budget above 1": ({"budgets": [0.1, 0.2, 1.5]}, "budgets[2]: 1.5 is outside (0, 1]; use {params: N} for an absolute count"),
+    "budget above 1": ({"budgets": [0.1, 0.2, 1.5]}, "budgets[2]: 1.5 is outside (0, 1]; an integer >= 2 or {params: N} is a parameter count"),
     "budget of 0": ({"budgets": [0]}, "budgets[0]: 0 is outside (0, 1]"),
-    "budget not a number": ({"budgets": ["10%"]}, "budgets[0]: expected a fraction in (0, 1] or {params: N}, got '10%'"),
+    "budget not a number": ({"budgets": ["10%"]}, "budgets[0]: expected a fraction in (0, 1], or a parameter count (an integer >= 2 or {params: N}), got '10%'"),
     "absolute budget of 0": ({"budgets": [{"params": 0}]}, "budgets[0].params: expected a positive integer, got 0"),
     "absolute budget misspelt": ({"budgets": [{"param": 100}]}, "budgets[0].param: unknown key; did you mean 'params'?"),
     "duplicate budget": ({"budgets": [0.1, 0.1]}, "budgets[1]: duplicate of budgets[0]"),
@@ -231,7 +231,7 @@ def test_a_spec_must_be_a_mapping_or_a_path():
 
 def test_spec_error_is_a_value_error_listing_every_line():
     with pytest.raises(ValueError) as info:
-        load_spec(spec_with(models=["mpl"], budgets=[3]))
+        load_spec(spec_with(models=["mpl"], budgets=[3.5]))
     message = str(info.value)
     assert "2 errors" in message and "models[0]:" in message and "budgets[0]:" in message
 
