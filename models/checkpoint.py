@@ -64,6 +64,24 @@ def save_compressed(path: str, net: nn.Module, record: dict, model_kwargs: dict,
             os.remove(tmp)
 
 
+def _payload_problem(payload: dict) -> str | None:
+    """What a safe but foreign file lacks: the fields load_compressed reads, with their types."""
+    for key in ("layers", "state_dict", "model_kwargs"):
+        if not isinstance(payload[key], dict):
+            return f"{key} is {type(payload[key]).__name__}, not a mapping"
+    if not isinstance(payload.get("record", {}), dict):
+        return "record is not a mapping"
+    source = payload.get("source")
+    if source is None and not isinstance(payload.get("model"), str):
+        return "it names no model"
+    if source is not None and (not isinstance(source, dict) or "kind" not in source or
+                               (source["kind"] == "zoo" and not isinstance(source.get("name"), str))):
+        return "its model source is not one ranksearch writes"
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["state_dict"].items()):
+        return "state_dict does not map names to tensors"
+    return None
+
+
 def read_payload(path: str, map_location="cpu") -> dict:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
@@ -73,6 +91,9 @@ def read_payload(path: str, map_location="cpu") -> dict:
         raise ValueError(f"model file: {path} is not a ranksearch model ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(payload, dict) or not {"layers", "state_dict", "model_kwargs"} <= set(payload):
         raise ValueError(f"model file: {path} is not a ranksearch model (missing layers/state_dict)")
+    problem = _payload_problem(payload)
+    if problem:
+        raise ValueError(f"model file: {path} is not a ranksearch model ({problem})")
     for name, spec in payload["layers"].items():
         if not isinstance(spec, dict) or spec.get("kind") not in LAYER_CLASSES or not isinstance(spec.get("config"), dict):
             raise ValueError(f"model file: {path}: layer {name!r} has no known factorized kind")
@@ -111,7 +132,10 @@ def load_compressed(path: str, map_location="cpu", model=None) -> tuple[nn.Modul
     from .compress import guard_fast_paths
 
     payload = read_payload(path, map_location)
-    net = _rebuild(payload, model, path)
+    try:
+        net = _rebuild(payload, model, path)
+    except (TypeError, KeyError, IndexError) as exc:  # a builder refusing the file's options: not ours
+        raise ValueError(f"model file: {path} is not a ranksearch model ({type(exc).__name__}: {str(exc)[:200]})") from None
     for name, spec in payload["layers"].items():
         parent_name, _, child = name.rpartition(".")
         try:
@@ -119,13 +143,18 @@ def load_compressed(path: str, map_location="cpu", model=None) -> tuple[nn.Modul
         except AttributeError:
             raise ValueError(f"model: has no submodule {parent_name!r} for saved layer {name!r}; "
                              "is it the architecture the file was saved from?") from None
-        setattr(parent, child, LAYER_CLASSES[spec["kind"]](**spec["config"]))
+        try:
+            layer = LAYER_CLASSES[spec["kind"]](**spec["config"])
+        except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as exc:
+            raise ValueError(f"model file: {path} is not a ranksearch model (layer {name!r}: "
+                             f"{type(exc).__name__}: {str(exc)[:200]})") from None
+        setattr(parent, child, layer)
     guard_fast_paths(net)
     try:
         net.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
         raise ValueError(f"model: the saved weights do not fit it ({str(exc).splitlines()[0]})") from None
-    return net.eval(), payload["record"]
+    return net.eval(), payload.get("record") or {}
 
 
 @torch.no_grad()

@@ -142,3 +142,23 @@ class BatchTask:
     def evaluate(self, model: nn.Module) -> dict:
         """On the test batches when there are any, else on the validation batches."""
         return self._score(model, self._moved(self.test) if self.test is not None else self.heldout_batches())
+
+
+def task_options(task) -> dict:
+    """A user task (a class is instantiated without arguments) as `compress` keyword arguments:
+    any of `loss(outputs, targets)`, `metric(model, batches)`, `step(model, batch)`,
+    `metric_name`, `metric_mode`."""
+    if isinstance(task, type):
+        task = task()
+    options = {key: getattr(task, key, None) for key in ("loss", "metric", "step")}
+    for key, value in options.items():
+        if value is not None and not callable(value):
+            raise ValueError(f"task.{key}: expected a callable, got {type(value).__name__}")
+    if not any(options.values()):
+        raise ValueError("task: defines none of loss, metric, step")
+    options["metric_name"] = getattr(task, "metric_name", None) or (
+        getattr(options["metric"], "__name__", None) if options["metric"] is not None else "accuracy")
+    options["metric_mode"] = getattr(task, "metric_mode", "max")
+    if options["metric_mode"] not in ("max", "min"):
+        raise ValueError(f"task.metric_mode: expected 'max' or 'min', got {options['metric_mode']!r}")
+    return options

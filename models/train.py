@@ -8,6 +8,7 @@ for a user's own network.
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 
@@ -16,7 +17,7 @@ import torch
 
 from ranksearch.models.rank_selection.budget import tensorized_dense_params, tensorized_params
 from ranksearch.models.rank_selection.hyperparams import METHODS, TRAIN_DEFAULTS
-from ranksearch.models.strategies import Run, get_strategy
+from ranksearch.models.strategies import INITS, Run, get_strategy
 from ranksearch.models.tensorized import FORMATS, dense_model_params, factorized_layers, model_params, tensorize
 from ranksearch.models.tensorized.table_optim import TABLE_OPTIMIZERS
 from ranksearch.models.zoo import build_model
@@ -79,9 +80,12 @@ def _tensorize(net, fmt, max_rank, init="random") -> dict:
 def fit(*, model: str = "mlp", dataset: str = "digits", method: str = "fixed", format: str | None = "tt",
         budget=0.1, train: dict | None = None, method_params: dict | None = None, data=None,
         dataset_options: dict | None = None, model_options: dict | None = None, device: str = "auto",
-        on_epoch=None, progress: bool = False, save: str | None = None, trainer_cls=Trainer) -> dict:
+        on_epoch=None, progress: bool = False, save: str | None = None, trainer_cls=Trainer,
+        init: str = "random", checkpoint: str | None = None) -> dict:
     """Train one model with one method at one budget; returns the run record.
 
+    `init="pretrained"` starts from `checkpoint` (a state_dict of the dense model, read with
+    weights_only=True): the strategies then decompose the trained layers (models/strategies.py).
     `model_options` go to the model's builder (e.g. dlrm: embedding_dim, min_rows, dense_arch, ...).
     `trainer_cls` runs the epochs (models.distributed swaps in a sharded trainer).
     """
@@ -111,20 +115,46 @@ def fit(*, model: str = "mlp", dataset: str = "digits", method: str = "fixed", f
         return kwargs
 
     strategy = get_strategy(method)
-    net = build_model(model, **model_kwargs(None if strategy.builds_dense else format)).to(dev)
+    if init not in INITS:
+        raise ValueError(f"init: expected one of {', '.join(INITS)}, got {init!r}")
+    pretrained = init == "pretrained"
+    net = build_model(model, **model_kwargs(None if strategy.builds_dense or pretrained else format))
+    dense_reference, dense_metric = None, None
+    if pretrained:
+        if not checkpoint:
+            raise ValueError("checkpoint: init='pretrained' needs the trained model's state_dict (checkpoint=PATH)")
+        _load_state(net, checkpoint)
+        net.to(dev)
+        dense_reference = copy.deepcopy(net).eval()
+        dense_metric = task.evaluate(dense_reference)
+    net = net.to(dev)
     trainer = trainer_cls(net, task, cfg, on_epoch, progress)
-    run = Run(net=net, task=task, trainer=trainer, cfg=cfg, format=format, budget=budget,
-              method_params=dict(method_params or {}), tensorize=_tensorize,
+    run = Run(net=net, task=task, trainer=trainer, cfg=cfg, format=format, budget=budget, init=init,
+              dense_reference=dense_reference, method_params=dict(method_params or {}), tensorize=_tensorize,
               probe=lambda: _tensorize(build_model(model, **model_kwargs(format)), format, cfg["max_rank"]))
     strategy.run(run)
     record = run_record(run, strategy, task.evaluate(net), wall_start)
     record = {"model": model, "dataset": dataset if isinstance(dataset, str) else getattr(data, "name", "custom"),
-              "model_options": model_options, **record}
+              "model_options": model_options, "init": init, **record,
+              "dense_metric": None if dense_metric is None else dense_metric[getattr(task, "primary_metric", next(iter(dense_metric)))]}
     if save:
         from ranksearch.models.checkpoint import save_compressed
 
         save_compressed(save, net, record, model_kwargs(None if method == "dense" else format))
     return record
+
+
+def _load_state(net, checkpoint: str) -> None:
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint: {checkpoint} does not exist") from None
+    except Exception as exc:
+        raise ValueError(f"checkpoint: {checkpoint} is not a state_dict ({type(exc).__name__}: {exc})") from None
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise ValueError(f"checkpoint: {checkpoint} does not fit the model ({str(exc).splitlines()[0]})") from None
 
 
 def run_record(run: Run, strategy, metrics: dict, wall_start: float) -> dict:

@@ -4,17 +4,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
+from pathlib import Path
 
 EXIT_USAGE = 2
 
 
 def _budget(text: str):
-    """'0.1' is a fraction of the dense tensorized parameters; '12000' an absolute count."""
+    """'0.1' is a fraction of the dense tensorized parameters; '12000' (an integer >= 2) a count;
+    the schema applies the same rule as to a spec's budgets."""
     try:
         return int(text) if text.isdigit() else float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction like 0.1 or a parameter count like 12000, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a fraction like 0.1 or a parameter count like 12000, got {text[:80]!r}")
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text[:80]!r}")
+        return value
+
+    return parse
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+# schema path of a value -> the flag that set it, for error messages
+FLAGS = {"models[0]": "--model", "formats[0]": "--format", "budgets[0]": "--budget", "dataset_options.": "--dataset-option ",
+         "model_options.": "--model-option ", "dataset": "--dataset", "train.": "--"}
 
 
 def _key_values(pairs: list[str] | None, flag: str) -> dict:
@@ -33,26 +56,27 @@ def _key_values(pairs: list[str] | None, flag: str) -> dict:
 
 def _add_train(sub) -> None:
     from ranksearch.models.rank_selection.hyperparams import METHODS
+    from ranksearch.models.registry import DATASETS
     from ranksearch.models.tensorized.names import FORMATS
     from ranksearch.models.zoo.names import MODELS
 
     p = sub.add_parser("train", help="train one model with one rank-selection method at one budget")
     p.add_argument("--model", default="mlp", choices=MODELS)
-    p.add_argument("--dataset", default="digits", help="digits | mnist14 | mnist:DIR | cifar10:DIR | criteo:PATH | synthetic-criteo")
+    p.add_argument("--dataset", default="digits", help=DATASETS.usage().replace(", ", " | "))
     p.add_argument("--method", default="fixed", choices=METHODS)
     p.add_argument("--format", default="tt", choices=FORMATS)
     p.add_argument("--budget", type=_budget, default=0.1, help="fraction of dense tensorized params, or a count")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--finetune-epochs", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--epochs", type=_count(1))
+    p.add_argument("--finetune-epochs", type=_count(0))
+    p.add_argument("--batch-size", type=_count(1))
     p.add_argument("--lr", type=float)
-    p.add_argument("--max-rank", type=int)
+    p.add_argument("--max-rank", type=_count(1))
     p.add_argument("--optimizer", choices=("adam", "sgd"))
     p.add_argument("--table-optimizer", choices=("auto", "none", "rowwise_adagrad", "sgd", "adam"),
                    help="embedding tables: updated in backward on touched rows only (auto: DLRM rowwise_adagrad)")
     p.add_argument("--table-lr", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--max-train", type=int, help="use at most this many training samples")
+    p.add_argument("--max-train", type=_count(1), help="use at most this many training samples")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="method hyperparameter (repeatable)")
     p.add_argument("--dataset-option", action="append", metavar="NAME=VALUE",
                    help="dataset loader option, e.g. num_samples=20000 for synthetic-criteo (repeatable)")
@@ -70,21 +94,78 @@ def cmd_train(args) -> int:
 
     train = {k: v for k, v in {
         "epochs": args.epochs, "finetune_epochs": args.finetune_epochs, "batch_size": args.batch_size,
-        "lr": args.lr, "max_rank": args.max_rank, "optimizer": args.optimizer, "seed": args.seed,
+        "lr": args.lr, "max_rank": args.max_rank, "optimizer": args.optimizer,
         "table_optimizer": args.table_optimizer, "table_lr": args.table_lr,
     }.items() if v is not None}
     options = _key_values(args.dataset_option, "--dataset-option")
-    if args.max_train:
+    if args.max_train is not None:
         options["max_train"] = args.max_train
+    method_params = _key_values(args.param, "--param")
+    model_options = _key_values(args.model_option, "--model-option")
+    budget = _check_run(args, train, method_params, options, model_options)
+    if args.seed is not None:
+        train["seed"] = args.seed
     record = fit(model=args.model, dataset=args.dataset, method=args.method, format=args.format,
-                 budget=args.budget, train=train, method_params=_key_values(args.param, "--param"),
-                 device=args.device, dataset_options=options, model_options=_key_values(args.model_option, "--model-option"),
+                 budget=budget, train=train, method_params=method_params,
+                 device=args.device, dataset_options=options, model_options=model_options,
                  progress=not args.quiet, save=args.save)
     _print_record(record)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=2, default=str)
     return 0
+
+
+def _check_run(args, train: dict, method_params: dict, options: dict, model_options: dict):
+    """The spec schema's checks on the CLI's values (one rule for both), the preflight checks,
+    device and output paths, all before training; returns the budget in `fit`'s terms."""
+    from ranksearch.search_spaces import SpecError, load_spec
+
+    from .plan import fit_budget
+    from .preflight import preflight
+
+    raw = {"name": "train", "models": [args.model], "dataset": args.dataset, "dataset_options": options,
+           "model_options": model_options, "formats": [args.format], "methods": {args.method: method_params},
+           "budgets": [args.budget], "train": train}
+    try:
+        spec = load_spec(raw)
+        preflight(spec)
+    except SpecError as exc:
+        raise ValueError("; ".join(_flag(line) for line in exc.errors)) from None
+    if not DEVICE.fullmatch(args.device):
+        raise ValueError(f"--device: expected auto, cpu, cuda, cuda:N or mps, got {args.device[:80]!r}")
+    for flag, path in (("--json", args.json), ("--save", args.save)):
+        if path:
+            _check_output(flag, path)
+    return None if args.method == "dense" else fit_budget(spec.budgets[0])
+
+
+def _flag(line: str) -> str:
+    """'train.lr: expected ...' -> '--lr: expected ...', and so on (see FLAGS)."""
+    for prefix, flag in FLAGS.items():
+        if line.startswith(prefix):
+            where, sep, message = line.partition(": ")
+            name = where[len(prefix):]
+            if prefix == "train.":
+                name = name.replace("_", "-")
+            return f"{flag}{name}{sep}{message}"
+    if line.startswith("methods."):
+        where, sep, message = line.partition(": ")
+        key = where.split(".", 2)[2] if where.count(".") >= 2 else where
+        return f"--param {key}{sep}{message}" if where.count(".") >= 2 else f"--method{sep}{message}"
+    return line
+
+
+def _check_output(flag: str, path: str) -> None:
+    """A file the run writes at its end must be writable now: a run's result is never lost at the end."""
+    target = Path(path).expanduser()
+    if path.endswith(os.sep) or target.is_dir():
+        raise ValueError(f"{flag}: {path} is a directory; expected a file path")
+    parent = target.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ValueError(f"{flag}: {path} is not writable")
 
 
 def _print_record(record: dict) -> None:
@@ -104,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ranksearch.orchestrator import commands
 
     commands.add_commands(sub)
+    from ranksearch.orchestrator.export import add_export
+
+    add_export(sub)
     return parser
 
 

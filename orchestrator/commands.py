@@ -76,8 +76,13 @@ def cmd_validate(args) -> int:
 
     from .plan import build_plan
 
-    spec = load_spec(args.spec)
+    from .preflight import check_machine, preflight
+    from .usercode import UserCode, resolve_user_code
+
+    spec = resolve_user_code(load_spec(args.spec), UserCode(os.getcwd()))  # import paths first: exit 2 here
     plan = build_plan(spec, experiment_path="-")
+    preflight(spec, local=not args.address)
+    check_machine(spec, args.address)
     search, res = spec.search, spec.resources
     cells = {slot.cell_index for slot in plan.slots}
     print(f"{spec.name}: valid")
@@ -98,10 +103,16 @@ def cmd_submit(args) -> int:
     it runs the uploaded copy of the code (the job's working directory comes first on the
     path), where an installed script would import whatever copy the cluster installed."""
     from ranksearch.search_spaces import load_spec
+    from ranksearch.search_spaces.schema import is_user_model
 
-    spec = load_spec(args.spec)  # a bad spec fails here, not minutes later on the cluster
+    from .usercode import UserCode, resolve_user_code
+
+    # a bad spec fails here, not minutes later on the cluster; a spec naming the user's own code
+    # ships the user's project (the current directory), where its import paths resolve
+    spec = resolve_user_code(load_spec(args.spec), UserCode(os.getcwd()))
+    root = Path.cwd() if any(is_user_model(m) for m in spec.models) or spec.task else PROJECT_DIR
     name = args.name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # known here: the job is named by it
-    entrypoint = ["python", "-m", "ranksearch.orchestrator.cli", "run", _spec_on_cluster(args.spec)]
+    entrypoint = ["python", "-m", "ranksearch.orchestrator.cli", "run", _spec_on_cluster(args.spec, root)]
     for flag, value in (("--storage", args.storage), ("--name", name)):
         if value:
             entrypoint += [flag, value]
@@ -109,7 +120,7 @@ def cmd_submit(args) -> int:
     os.environ["RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES"] = ""
     job_id = client.submit_job(
         entrypoint=shlex.join(entrypoint),
-        runtime_env={"working_dir": str(PROJECT_DIR), "excludes": SUBMIT_EXCLUDES},
+        runtime_env={"working_dir": str(root), "excludes": SUBMIT_EXCLUDES},
         metadata={"job_name": f"ranksearch:{name}"},  # the Name column of the dashboard's Jobs table
     )
     print(f"submitted {job_id}: {shlex.join(entrypoint)}")
@@ -122,15 +133,15 @@ def cmd_submit(args) -> int:
     return 0 if status == "SUCCEEDED" else 1
 
 
-def _spec_on_cluster(spec: str) -> str:
+def _spec_on_cluster(spec: str, root: Path = PROJECT_DIR) -> str:
     """The spec as the job sees it: a preset name as is, a file relative to the uploaded project."""
     path = Path(spec).expanduser().resolve()
     if not path.is_file():
         return spec  # a preset name (load_spec accepted it)
-    if not path.is_relative_to(PROJECT_DIR):
-        raise ValueError(f"SPEC: {spec} is outside the project directory {PROJECT_DIR}, which is what the job "
+    if not path.is_relative_to(root):
+        raise ValueError(f"SPEC: {spec} is outside the project directory {root}, which is what the job "
                          "uploads; copy the spec into the project or use a preset name")
-    return path.relative_to(PROJECT_DIR).as_posix()
+    return path.relative_to(root).as_posix()
 
 
 def auth_token() -> str | None:
@@ -146,6 +157,7 @@ def _job_client(address: str):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    _check_job_server(address)
     token = auth_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
@@ -156,6 +168,24 @@ def _job_client(address: str):
                          "use the cluster's token (cluster.yaml copies ~/.ray/auth_token to its nodes)") from None
     except (ConnectionError, RuntimeError) as exc:
         raise ValueError(f"--address: cannot reach the Ray job server at {address}: {exc}") from None
+
+
+def _check_job_server(address: str) -> None:
+    """Fail in seconds when nothing listens at the job server's host:port (the client retries for a minute)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(address if "://" in address else f"http://{address}")
+    try:
+        port = url.port or (443 if url.scheme == "https" else 8265)
+    except ValueError:
+        raise ValueError(f"--address: {address!r} has no valid port") from None
+    if not url.hostname:
+        raise ValueError(f"--address: expected http://HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((url.hostname, port), timeout=5).close()
+    except OSError as exc:
+        raise ValueError(f"--address: nothing answers at {url.hostname}:{port} ({exc})") from None
 
 
 def _wait(client, job_id: str, poll_s: float = 2.0) -> str:
@@ -198,6 +228,7 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("validate", help="check a spec without running it (exit 2 listing every error)")
     p.add_argument("spec")
+    p.add_argument("--address", help="check resources against this Ray cluster (default: against this machine)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("submit", help="run a search on a Ray cluster as a Ray job (this project as working_dir)")

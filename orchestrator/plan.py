@@ -40,6 +40,7 @@ class Plan:
     slots: tuple[Slot, ...]
     experiment_path: str  # local absolute path or URI; records live under it
     trial_log: str | None = None  # RANKSEARCH_TRIAL_LOG of the driver (see trainable.py)
+    code: dict | None = None  # usercode.UserCode fields (plain data): where user code resolves; None: none used
 
     @property
     def report_epochs(self) -> bool:
@@ -93,7 +94,7 @@ class Plan:
         }
 
 
-def build_plan(spec: Spec, experiment_path: str) -> Plan:
+def build_plan(spec: Spec, experiment_path: str, code=None) -> Plan:
     """Slots ordered sample-major, so Optuna sees finished samples of a cell before it draws the next."""
     spec_dict = spec.to_dict()
     check_asha_metric(spec_dict)
@@ -106,7 +107,7 @@ def build_plan(spec: Spec, experiment_path: str) -> Plan:
                 if sample and not _samples_anything(spec_dict, cell["method"]):
                     continue  # nothing to draw: another sample would repeat the same trial
                 slots.append(Slot(len(slots), trial_key(cell, seed, sample), cell, c, seed, sample))
-    return Plan(spec_dict, tuple(slots), experiment_path, os.environ.get(TRIAL_LOG_ENV))
+    return Plan(spec_dict, tuple(slots), experiment_path, os.environ.get(TRIAL_LOG_ENV), code)
 
 
 def _samples_anything(spec: dict, method: str) -> bool:
@@ -116,7 +117,7 @@ def _samples_anything(spec: dict, method: str) -> bool:
 
 def trial_key(cell: dict, seed: int, sample: int) -> str:
     """e.g. 'mlp-tt-l0-b0.1-s0-n0'; 'mlp-dense-s0-n0'; absolute budgets read 'p12000'."""
-    parts = [cell["model"]]
+    parts = [cell["model"].replace(":", ".")]  # an import path names a file: no ':' in it
     if cell["method"] == "dense":
         parts.append("dense")
     else:

@@ -301,6 +301,9 @@ def _trials_table(records: list) -> pa.Table:
     hp_names = sorted({k for r in records for k in (r.get("config") or {})})
     for name in hp_names:
         columns[f"hp_{name}"] = _hp_array([(r.get("config") or {}).get(name) for r in records])
+    # a user task's own metric (its record names it in `metric`) gets a column of its own
+    for name in sorted({r["metric"] for r in records if isinstance(r.get("metric"), str)} - set(columns)):
+        columns[name] = pa.array([_coerce(r.get(name), pa.float64(), name) for r in records], type=pa.float64())
     return pa.table(columns).replace_schema_metadata(_metadata_bytes({"units": COLUMN_UNITS}))
 
 

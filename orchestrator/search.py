@@ -21,12 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ranksearch.search_spaces import SpecError, load_spec
+from ranksearch.search_spaces.schema import NAME_PATTERN
 
 from .connect import check_shared_storage, connect
 from .interrupt import InterruptStopper
 from .plan import Plan, build_plan
+from .preflight import preflight
 from .records import ExperimentFiles, error_line, is_uri
 from .report import load_reports, write_reports
+from .saved_models import keep_only
+from .usercode import UserCode, pack_objects, resolve_user_code
 from .tuner import make_tuner, tune_environment
 
 DEFAULT_STORAGE = "runs"
@@ -58,18 +62,33 @@ class SearchResult:
         return f"{self.records[0]['trial_id']}: {self.records[0].get('error')}"
 
 
-def run_search(spec, *, storage_path=None, name=None, address=None, resume=False) -> SearchResult:
+def run_search(spec, *, storage_path=None, name=None, address=None, resume=False, models=None, dataset=None,
+               task=None) -> SearchResult:
     """Run (or with resume=True, continue) the search `spec` describes: a Spec, dict, YAML path or preset.
 
     The experiment lives at `<storage_path>/<name>` (storage_path: the spec's `storage`,
-    else ./runs; name: `<spec name>-<timestamp>`); reports go to its `report/`.
+    else ./runs; name: `<spec name>-<timestamp>`); reports go to its `report/`, the models of
+    Pareto-front trials to its `models/<trial_id>.pt`.
+    `models={"name": factory}`, `dataset=factory`, `task=Task` hand over Python objects instead
+    of import paths (the spec's `models` may then name them; `dataset`/`task` may be left out).
     """
-    spec = load_spec(spec)
+    if models is not None and not (isinstance(models, dict) and all(callable(f) for f in models.values())):
+        raise ValueError("models: expected a dict of name -> model factory (a callable returning an nn.Module)")
+    if dataset is not None and not callable(dataset):
+        raise ValueError("dataset: expected a callable returning (train, val, test) or a dict of them")
+    spec = load_spec(spec, user_models=tuple(models or ()), user_dataset=dataset is not None, user_task=task is not None)
+    code = UserCode(os.getcwd(), pack_objects(models, dataset, task))
+    spec = resolve_user_code(spec, code)
     storage = str(storage_path or spec.storage or DEFAULT_STORAGE)
     storage = storage if is_uri(storage) else os.path.abspath(os.path.expanduser(storage))
+    if name is not None and not NAME_PATTERN.fullmatch(str(name)):
+        raise ValueError(f"--name: expected letters, digits, '_', '.' or '-' (it names a folder inside the "
+                         f"storage), got {str(name)[:80]!r}")
     name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    preflight(spec, local=not (address or os.environ.get("RAY_ADDRESS")))
+    check_storage(storage)
     experiment_path = f"{storage.rstrip('/')}/{name}"
-    plan = build_plan(spec, experiment_path)
+    plan = build_plan(spec, experiment_path, code.as_plan() if code.used_by(spec) else None)
     files = ExperimentFiles(experiment_path)
     if not resume and files.read_spec() is not None:
         raise ValueError(f"--name: experiment {experiment_path} exists; continue it with "
@@ -97,7 +116,27 @@ def run_search(spec, *, storage_path=None, name=None, address=None, resume=False
     records = [r for r in files.records() if r["trial_id"] in {slot.key for slot in plan.slots}]
     unfinished = len(plan.slots) - len(records)
     report_dir = _publish_reports(records, experiment_path, spec.objectives)
+    _keep_front_models(experiment_path, report_dir)
     return SearchResult(experiment_path, report_dir, records, unfinished, stopper.hit)
+
+
+def check_storage(storage: str) -> None:
+    """--storage must be a folder (or a URI pyarrow can reach), caught before anything runs."""
+    if is_uri(storage):
+        import pyarrow.fs as pafs
+
+        try:
+            fs, root = pafs.FileSystem.from_uri(storage)
+            fs.get_file_info(root)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--storage: cannot reach {storage} ({str(exc).splitlines()[0][:200]})") from None
+        return
+    path = Path(storage)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"--storage: {existing} is a file; expected a folder for experiments")
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise ValueError(f"--storage: {existing} is not writable")
 
 
 def usable_records(plan: Plan, files: ExperimentFiles) -> dict[str, dict]:
@@ -122,7 +161,16 @@ def usable_records(plan: Plan, files: ExperimentFiles) -> dict[str, dict]:
     return done
 
 
-def resume_search(experiment_path: str, *, address=None) -> SearchResult:
+def _keep_front_models(experiment_path: str, report_dir: Path) -> None:
+    """Only Pareto-front trials keep their saved model (saved_models.py)."""
+    try:
+        front = set(load_reports(report_dir)["pareto"]["trial_id"])
+    except Exception:  # no front (no finished trial): keep what is there
+        return
+    keep_only(experiment_path, front)
+
+
+def resume_search(experiment_path: str, *, address=None, models=None, dataset=None, task=None) -> SearchResult:
     """Continue the search at `experiment_path` (a directory `run_search` made) with the spec it saved."""
     path = str(experiment_path).rstrip("/")
     path = path if is_uri(path) else os.path.abspath(path)
@@ -130,11 +178,13 @@ def resume_search(experiment_path: str, *, address=None) -> SearchResult:
     if spec is None:
         raise FileNotFoundError(f"{path}: no spec.json here; not a ranksearch experiment directory")
     try:
-        spec = load_spec(spec)
+        spec = load_spec(spec, user_models=tuple(models or ()), user_dataset=dataset is not None,
+                         user_task=task is not None)
     except SpecError as exc:
         raise SpecError(exc.errors, f"{path}/spec.json") from None
     storage, _, name = path.rpartition("/")
-    return run_search(spec, storage_path=storage, name=name, address=address, resume=True)
+    return run_search(spec, storage_path=storage, name=name, address=address, resume=True, models=models,
+                      dataset=dataset, task=task)
 
 
 def regenerate_reports(experiment_path: str) -> tuple[Path, dict[str, str]]:

@@ -50,16 +50,17 @@ def preset_path(name: str) -> Path:
     return path
 
 
-def load_spec(source: str | os.PathLike | Mapping | Spec) -> Spec:
-    """A validated Spec from a YAML path, a preset name or a dict; SpecError lists every problem."""
+def load_spec(source: str | os.PathLike | Mapping | Spec, **user) -> Spec:
+    """A validated Spec from a YAML path, a preset name or a dict; SpecError lists every problem.
+    `user` (user_models, user_dataset, user_task): objects handed to run_search (schema.validate)."""
     if isinstance(source, Spec):
         return source
     if isinstance(source, Mapping):
-        return Spec(**validate(source))
+        return Spec(**validate(source, **user))
     if not isinstance(source, (str, os.PathLike)):
         raise SpecError([f"spec: expected a YAML path, preset name or dict, got {type(source).__name__}"])
     path = _resolve(source)
-    return Spec(**validate(_read_yaml(path), default_name=path.stem, source=str(path)))
+    return Spec(**validate(_read_yaml(path), default_name=path.stem, source=str(path), **user))
 
 
 def _read_yaml(path: Path):

@@ -20,21 +20,17 @@ from typing import Any
 
 from ranksearch.models.rank_selection.hyperparams import METHOD_DEFAULTS, METHODS, TRAIN_DEFAULTS
 from ranksearch.models.tensorized.names import FORMATS
+from ranksearch.models.registry import DATASETS as DATASET_REGISTRY
+from ranksearch.models.registry import REC_DATASETS
+from ranksearch.models.sources import is_import_path
 from ranksearch.models.zoo.names import MODELS, REC_MODELS
 
 from .errors import Errors, join, short, suggest
 from .values import Scalar, check, check_param, is_distribution
 
 DENSE = "dense"  # the uncompressed baseline: one trial per model, formats and budgets ignored
-DATASETS = {  # kind (models.data.DATASETS) -> how it is written; a ":" means it takes a location
-    "digits": "digits",
-    "mnist14": "mnist14",
-    "mnist": "mnist:DIR",
-    "cifar10": "cifar10:DIR",
-    "criteo": "criteo:FILE_OR_DIR",
-    "synthetic-criteo": "synthetic-criteo",
-}
-REC_DATASETS = ("criteo", "synthetic-criteo")
+# kind -> how it is written (the one table: models/registry.py); a ":" means it takes a location
+DATASETS = {kind: DATASET_REGISTRY.forms.get(kind, kind) for kind in DATASET_REGISTRY.names()}
 METRIC_MODES = {  # metric -> the mode used when an objective names none
     "accuracy": "max",
     "auc": "max",
@@ -52,8 +48,10 @@ SCHEDULERS = ("fifo", "asha")
 
 SECTIONS = (
     "name", "description", "models", "dataset", "dataset_options", "model_options", "formats", "methods",
-    "budgets", "train", "search", "resources", "objectives", "storage",
+    "budgets", "train", "search", "resources", "objectives", "storage", "task", "init", "checkpoint",
 )  # fmt: skip
+INITS = ("random", "pretrained")
+TASK_METRIC = "task.metric"  # an objective naming the task's own metric (its metric_name and metric_mode)
 SEARCH_FIELDS = {  # field -> (default, type; None allowed where the default is None)
     "searcher": ("grid", Scalar(str, choices=SEARCHERS)),
     "samples_per_cell": (1, Scalar(int, "positive")),
@@ -85,20 +83,26 @@ MAX_TRIALS = 10_000  # trials one spec may expand to: beyond, a typo (samples_pe
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # it names the run directory
 
 
-def validate(raw: Any, *, default_name: str = "search", source: str | None = None) -> dict:
-    """The fully defaulted spec dict; raises SpecError listing every problem found."""
+def validate(raw: Any, *, default_name: str = "search", source: str | None = None, user_models=(),
+             user_dataset: bool = False, user_task: bool = False) -> dict:
+    """The fully defaulted spec dict; raises SpecError listing every problem found.
+
+    `models` entries and `dataset` are built-in names or import paths "pkg.module:factory";
+    `user_models` are further model names (Python objects handed to run_search), `user_dataset`
+    / `user_task` say a dataset / task object was handed over (the spec's entry then only labels it)."""
     errors = Errors()
     if not isinstance(raw, Mapping):
         errors.add("spec", f"expected a mapping of sections, got {type(raw).__name__}")
         errors.raise_if_any(source)
     check_keys(raw, SECTIONS, "", errors)
-    models = _names(raw.get("models"), "models", MODELS, errors, required=True)
+    models = _models(raw.get("models"), tuple(user_models), errors)
     methods = _methods(raw.get("methods"), errors)
+    task = _task(raw.get("task"), user_task, errors)
     spec = {
         "name": _name(raw.get("name", default_name), errors),
         "description": _optional(raw.get("description"), Scalar(str), "description", errors),
         "models": models,
-        "dataset": _dataset(raw.get("dataset"), errors),
+        "dataset": _dataset(raw.get("dataset"), errors, user_dataset),
         "dataset_options": _free_options(raw.get("dataset_options"), "dataset_options", DATASET_RESERVED, errors),
         "model_options": _free_options(raw.get("model_options"), "model_options", MODEL_RESERVED, errors),
         "formats": _names(raw.get("formats"), "formats", FORMATS, errors, required=_compresses(methods)),
@@ -107,9 +111,13 @@ def validate(raw: Any, *, default_name: str = "search", source: str | None = Non
         "train": _train(raw.get("train"), errors),
         "search": _fields(raw.get("search"), SEARCH_FIELDS, "search", errors),
         "resources": _fields(raw.get("resources"), RESOURCE_FIELDS, "resources", errors),
-        "objectives": _objectives(raw.get("objectives"), models, errors),
+        "objectives": _objectives(raw.get("objectives"), models, errors, task),
         "storage": _optional(raw.get("storage"), Scalar(str), "storage", errors),
+        "task": task,
+        "init": check(raw.get("init", "random"), Scalar(str, choices=INITS), "init", errors),
+        "checkpoint": _checkpoint(raw.get("checkpoint"), models, errors),
     }
+    _check_init(spec, errors)
     _check_search(spec, errors)
     _check_size(spec, errors)
     _check_resources(spec["resources"], errors)
@@ -176,8 +184,69 @@ def _names(value: Any, path: str, accepted, errors: Errors, *, required: bool) -
     return _unique([check(v, name, join(path, i), errors) for i, v in enumerate(_as_list(value, path, errors))], path, errors)
 
 
-def _dataset(value: Any, errors: Errors) -> str | None:
+def _models(value: Any, user_models: tuple, errors: Errors) -> list:
+    """Built-in names, names of models handed to run_search, or import paths 'pkg.module:factory'."""
+    if value is None and user_models:
+        return list(user_models)
+    accepted = (*MODELS, *user_models)
+    if value is None:
+        errors.add("models", f"required; list one or more of: {', '.join(accepted)}, or import paths 'pkg.module:factory'")
+        return []
+    models = []
+    for i, v in enumerate(_as_list(value)):
+        if is_import_path(v) or v in user_models:
+            models.append(v)
+        else:
+            models.append(check(v, Scalar(str, choices=accepted), join("models", i), errors))
+    return _unique(models, "models", errors)
+
+
+def is_user_model(model: str) -> bool:
+    """A model the zoo does not build: an import path or a Python object handed to run_search."""
+    return model not in MODELS
+
+
+def _task(value: Any, user_task: bool, errors: Errors) -> str | None:
+    if user_task:
+        return value if isinstance(value, str) else "python"
+    if value is not None and not is_import_path(value):
+        errors.add("task", f"expected an import path 'pkg.module:Task', got {value!r}")
+        return None
+    return value
+
+
+def _checkpoint(value: Any, models: list, errors: Errors):
+    """A state_dict path for every model, or a mapping model -> path."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, Mapping):
+        errors.add("checkpoint", f"expected a path or a mapping model -> path, got {value!r}")
+        return None
+    for model, path in value.items():
+        if model not in models:
+            errors.add(join("checkpoint", str(model)), f"not one of the spec's models ({', '.join(map(str, models))})")
+        elif not isinstance(path, str):
+            errors.add(join("checkpoint", str(model)), f"expected a path, got {path!r}")
+    return dict(value)
+
+
+def _check_init(spec: dict, errors: Errors) -> None:
+    if spec["init"] == "pretrained":
+        given = spec["checkpoint"]
+        missing = [m for m in spec["models"] if not (isinstance(given, str) or (given and m in given))]
+        if missing:
+            errors.add("checkpoint", f"init: pretrained needs a trained state_dict for {', '.join(missing)} "
+                                     "(checkpoint: PATH, or a mapping model -> PATH)")
+    elif spec["checkpoint"] is not None:
+        errors.add("checkpoint", "only used with init: pretrained")
+
+
+def _dataset(value: Any, errors: Errors, user_dataset: bool = False) -> str | None:
     usages = ", ".join(DATASETS.values())
+    if user_dataset:
+        return value if isinstance(value, str) else "python"
+    if is_import_path(value) and value.partition(":")[0] not in DATASETS:
+        return value
     if not isinstance(value, str):
         errors.add("dataset", f"expected one of: {usages}, got {short(value)}")
         return None
@@ -302,11 +371,13 @@ def _fields(value: Any, fields: dict, path: str, errors: Errors) -> dict:
     return section
 
 
-def _objectives(value: Any, models: list, errors: Errors) -> list:
-    """[{metric, mode}, ...]; a bare metric name takes its usual mode; default quality up, params down."""
+def _objectives(value: Any, models: list, errors: Errors, task: str | None = None) -> list:
+    """[{metric, mode}, ...]; a bare metric name takes its usual mode; default quality up, params down.
+    With a task, `task.metric` (the default first objective) stands for the task's own metric."""
     rec = any(m in REC_MODELS for m in models)
     if value is None:
-        return [{"metric": "auc" if rec else "accuracy", "mode": "max"}, {"metric": "params", "mode": "min"}]
+        first = {"metric": TASK_METRIC, "mode": None} if task else {"metric": "auc" if rec else "accuracy", "mode": "max"}
+        return [first, {"metric": "params", "mode": "min"}]
     if not _as_list(value):
         errors.add("objectives", "list at least one objective")
     objectives, metrics = [], []
@@ -317,7 +388,13 @@ def _objectives(value: Any, models: list, errors: Errors) -> list:
             errors.add(path, f"expected {{metric: M, mode: max|min}}, got {short(item)}")
             continue
         check_keys(item, ("metric", "mode"), path, errors)
-        metric = check(item.get("metric"), Scalar(str, choices=tuple(METRIC_MODES)), join(path, "metric"), errors)
+        if task and (item.get("metric") == TASK_METRIC or (
+                isinstance(item.get("metric"), str) and item["metric"] not in METRIC_MODES and item.get("mode") in MODES)):
+            # the task's own metric, by its placeholder or (a saved, resolved spec) by its name and mode
+            objectives.append({"metric": item["metric"], "mode": item.get("mode")})
+            metrics.append(item["metric"])
+            continue
+        metric = check(item.get("metric"), Scalar(str, choices=(*METRIC_MODES, TASK_METRIC)), join(path, "metric"), errors)
         mode = check(item.get("mode", METRIC_MODES.get(metric, "max")), Scalar(str, choices=MODES), join(path, "mode"), errors)
         metrics.append(metric)
         if metric and mode:
@@ -377,7 +454,13 @@ def _check_dataset_fits_models(spec: dict, errors: Errors) -> None:
     if spec["dataset"] is None:
         return
     kind = spec["dataset"].partition(":")[0]
+    user_data = kind not in DATASETS
     for model in spec["models"]:
+        if is_user_model(model) or user_data:
+            if not (is_user_model(model) and user_data):
+                errors.add("dataset", f"model {model!r} and dataset {spec['dataset']!r}: a model of your own needs "
+                                      "a dataset factory of your own (and a built-in model a built-in dataset)")
+            continue
         if (model in REC_MODELS) != (kind in REC_DATASETS):
             fits = [u for k, u in DATASETS.items() if (k in REC_DATASETS) == (model in REC_MODELS)]
             errors.add("dataset", f"{spec['dataset']!r} does not fit model {model!r}, which reads {', '.join(fits)}")

@@ -32,6 +32,9 @@ class Spec:
     resources: dict
     objectives: list
     storage: str | None
+    task: str | None = None  # import path of the task (loss, metric, step), or "python"
+    init: str = "random"  # random | pretrained (every trial starts from `checkpoint`)
+    checkpoint: str | dict | None = None
 
     def to_dict(self) -> dict:
         """A deep plain copy (JSON-serializable) that load_spec accepts back unchanged."""

@@ -70,7 +70,8 @@ def test_validate_summarizes_a_good_spec(capsys):
 
 def test_gpu_request_on_a_cpu_machine_exits_2_before_ray_starts(tmp_path, tiny_spec, capsys):
     spec = write_spec(tmp_path / "gpu.yaml", tiny_spec(resources={"cpu": 1, "gpu": 1}))
-    assert main(["validate", spec]) == 0  # a valid spec: the cluster decides
+    assert main(["validate", spec]) == 2  # this machine has no GPU (--address checks a cluster)
+    assert "resources.gpu: a trial needs 1 GPU" in capsys.readouterr().err
     capsys.readouterr()
     ray_before = ray_is_up()
     assert main(["run", spec, "--storage", str(tmp_path / "runs")]) == 2

@@ -208,3 +208,12 @@ def test_bad_arguments_are_clear_errors(project, datasets, kwargs, message):
             "format": "tt", "budget": 0.2, "epochs": 1, "progress": False, **kwargs}
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         ranksearch.compress(args.pop("model"), args.pop("train_data"), args.pop("val_data"), **args)
+
+
+def test_every_method_name_has_one_strategy():
+    """fit and compress run every method, the baselines included, through one registry."""
+    from ranksearch.models.rank_selection.hyperparams import METHODS
+    from ranksearch.models.strategies import STRATEGIES
+
+    assert set(STRATEGIES) == set(METHODS)
+    assert {name for name, s in STRATEGIES.items() if not s.compresses} == {"dense"}

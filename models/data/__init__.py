@@ -1,5 +1,5 @@
-"""Data sets by spec string: `digits` (default, bundled), `mnist14` (bundled 14x14 MNIST subset), `mnist:DIR`, `cifar10:DIR`,
-`criteo:FILE_OR_DIR`, `synthetic-criteo`.
+"""Data sets by spec string (the table: models/registry.py DATASETS): `digits` (default,
+bundled), `mnist14` (bundled 14x14 MNIST subset), `mnist:DIR`, `cifar10:DIR`, `criteo:FILE_OR_DIR`, `synthetic-criteo`.
 
 The Criteo side needs torchrec (seconds to import), so it is loaded only when asked for:
 `from models.data import RecData` still works.
@@ -7,12 +7,12 @@ The Criteo side needs torchrec (seconds to import), so it is loaded only when as
 
 from __future__ import annotations
 
+from ranksearch.models.registry import DATASETS as _REGISTRY
+
 from .common import DatasetError
 from .images import ClassificationData, load_cifar10, load_digits, load_mnist
 
-DATASETS = ("digits", "mnist14", "mnist", "cifar10", "criteo", "synthetic-criteo")
-_NEEDS_PATH = {"mnist": "DIR", "cifar10": "DIR", "criteo": "FILE_OR_DIR"}
-_ACCEPTED = "digits, mnist14, mnist:DIR, cifar10:DIR, criteo:FILE_OR_DIR, synthetic-criteo"
+DATASETS = _REGISTRY.names()
 _LAZY = {
     "RecData": "criteo", "RecBatch": "criteo", "iter_criteo_batches": "criteo", "load_criteo": "criteo",
     "KAGGLE_TABLE_SIZES": "criteo", "NUM_DENSE": "criteo", "NUM_SPARSE": "criteo",
@@ -37,28 +37,10 @@ def load_dataset(spec: str, *, seed: int = 0, max_train: int | None = None, max_
     max_train / max_test keep a seeded random subset of each split.
     """
     kind, has_arg, arg = str(spec).partition(":")
-    if kind not in DATASETS:
-        raise DatasetError(f"unknown dataset {spec!r}; accepted: {_ACCEPTED}")
-    if (kind in _NEEDS_PATH) != bool(has_arg and arg):
-        form = f"{kind}:{_NEEDS_PATH[kind]}" if kind in _NEEDS_PATH else kind
-        raise DatasetError(f"dataset {spec!r}: expected the form {form}; accepted: {_ACCEPTED}")
-    limits = dict(seed=seed, max_train=max_train, max_test=max_test)
-    if kind == "digits":
-        return load_digits(**limits, **kw)
-    if kind == "mnist14":
-        from .bundled import load_mnist14
-
-        return load_mnist14(**limits, **kw)
-    if kind == "mnist":
-        return load_mnist(arg, **limits, **kw)
-    if kind == "cifar10":
-        return load_cifar10(arg, **limits, **kw)
-    if kind == "criteo":
-        from .criteo import load_criteo
-
-        data = load_criteo(arg, **kw)
-    else:
-        from .synthetic import synthetic_criteo
-
-        data = synthetic_criteo(seed=seed, **kw)
-    return data.subsample(max_train, max_test, seed)
+    if kind not in _REGISTRY:
+        raise DatasetError(f"unknown dataset {spec!r}; accepted: {_REGISTRY.usage()}")
+    form = _REGISTRY.forms.get(kind, kind)
+    if (":" in form) != bool(has_arg and arg):
+        raise DatasetError(f"dataset {spec!r}: expected the form {form}; accepted: {_REGISTRY.usage()}")
+    loader = _REGISTRY.resolve(kind, "dataset")
+    return loader(arg or None, seed=seed, max_train=max_train, max_test=max_test, **kw)

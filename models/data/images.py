@@ -8,6 +8,7 @@ never in a numpy or pickle traceback.
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
 import zlib
 from dataclasses import dataclass
@@ -131,7 +132,11 @@ def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
     if found != magic:
         raise DatasetError(f"mnist: bad magic number {found} in {path}, expected {magic}")
     dims = tuple(int(d) for d in np.frombuffer(raw, ">i4", count=ndim, offset=4))
-    size = int(np.prod(dims))
+    if any(d < 0 for d in dims):
+        raise DatasetError(f"mnist: {path} declares negative dimensions {dims}")
+    size = math.prod(dims)  # Python ints: a header of huge dimensions cannot overflow
+    if size == 0:
+        raise DatasetError(f"mnist: {path} declares {dims}: no data")
     if len(raw) - header != size:
         raise DatasetError(f"mnist: {path} holds {len(raw) - header} data bytes, its header declares {dims} = {size}")
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)

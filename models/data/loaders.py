@@ -61,3 +61,25 @@ class Batches:
         for batch in self:
             return batch
         raise ValueError(f"{self.field}: yielded no batches")
+
+
+SPLITS = ("train", "val", "test")
+
+
+def splits(value, field: str = "dataset") -> dict:
+    """What a dataset factory returned, as {"train", "val", "test"} (test may be None):
+    a (train, val, test) or (train, val) tuple, or a dict with those keys."""
+    if isinstance(value, Mapping):
+        missing = [k for k in ("train", "val") if k not in value]
+        if missing:
+            raise ValueError(f"{field}: the factory's dict has no {', '.join(missing)} (expected keys train, val, test)")
+        out = {k: value.get(k) for k in SPLITS}
+    elif isinstance(value, (tuple, list)) and len(value) in (2, 3):
+        out = dict(zip(SPLITS, (*value, None)))
+    else:
+        raise ValueError(f"{field}: the factory returned {type(value).__name__}; expected (train, val, test) "
+                         "iterables of batches or a dict with keys train, val, test")
+    for key in SPLITS:
+        if out[key] is not None:
+            Batches(out[key], f"{field}.{key}")  # an iterable of batches, or a clear error
+    return out

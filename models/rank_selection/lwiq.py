@@ -214,6 +214,9 @@ class LWIQRank(RankMethod):
             raise ValueError("lwiq: measure() got no held-out batches")
 
         y = torch.cat(labels)
+        if len(y) < 2:
+            raise ValueError(f"lwiq: measure() needs at least 2 held-out samples (one to imprint, one to score), "
+                             f"got {len(y)}; use more data (max_train)")
         n, cut = len(labels), len(y) // 2
         fit_y, eval_y = y[:cut], y[cut:]
 

@@ -1,23 +1,19 @@
-"""Models by name: `build_model(name, input_shape=..., num_classes=...)`."""
+"""Models by name (models/registry.py): `build_model(name, input_shape=..., num_classes=...)`."""
 
 from __future__ import annotations
+
+from ranksearch.models.registry import MODELS as _REGISTRY
 
 from .image import MLP, CifarResNet, LeNet5
 from .names import IMAGE_MODELS, MODELS, REC_MODELS
 
 
 def build_model(name: str, *, input_shape=None, num_classes=None, **kwargs):
-    if name == "mlp":
-        return MLP(input_shape, num_classes, **kwargs)
-    if name == "lenet5":
-        return LeNet5(input_shape, num_classes, **kwargs)
-    if name.startswith("resnet") and name in IMAGE_MODELS:
-        return CifarResNet(int(name[len("resnet"):]), input_shape, num_classes, **kwargs)
-    if name == "dlrm":
-        from .dlrm import build_dlrm
-
-        return build_dlrm(**kwargs)
-    raise ValueError(f"model: unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    """A zoo model; DLRM builders take no input_shape/num_classes (their data sets the tables)."""
+    factory = _REGISTRY.resolve(name, "model")
+    if name in REC_MODELS:
+        return factory(**kwargs)
+    return factory(input_shape, num_classes, **kwargs)
 
 
-__all__ = ["IMAGE_MODELS", "MODELS", "REC_MODELS", "build_model"]
+__all__ = ["IMAGE_MODELS", "MODELS", "REC_MODELS", "CifarResNet", "LeNet5", "MLP", "build_model"]

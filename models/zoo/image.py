@@ -82,3 +82,15 @@ class CifarResNet(nn.Module):
     def forward(self, x):
         out = self.layers(F.relu(self.bn1(self.conv1(x))))
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def resnet20(input_shape, num_classes, **kwargs):
+    return CifarResNet(20, input_shape, num_classes, **kwargs)
+
+
+def resnet32(input_shape, num_classes, **kwargs):
+    return CifarResNet(32, input_shape, num_classes, **kwargs)
+
+
+def resnet56(input_shape, num_classes, **kwargs):
+    return CifarResNet(56, input_shape, num_classes, **kwargs)

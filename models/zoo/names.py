@@ -1,5 +1,7 @@
-"""Model names the CLI, specs and `build_model` accept."""
+"""Model names the CLI, specs and `build_model` accept (from the one registry, models/registry.py)."""
 
-IMAGE_MODELS = ("mlp", "lenet5", "resnet20", "resnet32", "resnet56")
-REC_MODELS = ("dlrm",)
-MODELS = IMAGE_MODELS + REC_MODELS
+from ranksearch.models.registry import MODELS as _REGISTRY
+from ranksearch.models.registry import REC_MODELS
+
+MODELS = _REGISTRY.names()
+IMAGE_MODELS = tuple(m for m in MODELS if m not in REC_MODELS)
