@@ -58,17 +58,56 @@ def _with_ninja_on_path() -> None:
             return
 
 
-def load(verbose: bool = False):
-    """The compiled module; raises when it cannot be built."""
-    from torch.utils import cpp_extension
+def _import_built(where: Path, name: str):
+    """The module from a finished build, without cpp_extension's rebuild check and its lock.
 
-    _with_ninja_on_path()
+    Only a build that completed is imported: `<name>.ok` holds the size of the library it wrote
+    (dlopen of a library cut short by a killed build is a bus error, not an exception).
+    """
+    import importlib.util
+
+    so, done = where / f"{name}.so", where / f"{name}.ok"
+    try:
+        if done.read_text() != str(so.stat().st_size):
+            return None
+    except (OSError, ValueError):
+        return None
+    spec = importlib.util.spec_from_file_location(name, so)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load(verbose: bool = False):
+    """The compiled module; raises when it cannot be built.
+
+    A finished build is imported directly. A build runs under an flock on `build.flock`, which the
+    kernel releases when its holder dies, so concurrent trials wait for one compiler run and a killed
+    build never blocks later ones; cpp_extension's own `lock` file left by a killed build is stale
+    once we hold the flock and is removed (torch would wait on it forever).
+    """
+    import fcntl
+
     where = build_dir()
+    name = f"ranksearch_tt_lookup_{where.name}"
+    if (module := _import_built(where, name)) is not None:
+        return module
     where.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name=f"ranksearch_tt_lookup_{where.name}", sources=[str(SOURCE)], build_directory=str(where),
-        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=verbose,
-    )
+    with open(where / "build.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        if (module := _import_built(where, name)) is not None:
+            return module
+        for leftover in ("lock", f"{name}.so", f"{name}.ok"):
+            (where / leftover).unlink(missing_ok=True)
+        from torch.utils import cpp_extension
+
+        _with_ninja_on_path()
+        module = cpp_extension.load(
+            name=name, sources=[str(SOURCE)], build_directory=str(where),
+            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=verbose,
+        )
+        (where / f"{name}.ok").write_text(str((where / f"{name}.so").stat().st_size))
+        return module
 
 
 def kernel():
