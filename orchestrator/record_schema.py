@@ -24,7 +24,7 @@ def _number(v) -> bool:
 
 
 def _count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63  # int64 in the Parquet reports
 
 
 def _rows(v) -> bool:
@@ -69,8 +69,25 @@ def record_problem(record, trial_id: str) -> str | None:
         value = record.get(key)
         if value is not None and not ok(value):
             return f"{key}: expected {what}, got {_short(value)}"
+    big = _oversized_int(record)
+    if big is not None:
+        return f"{big}: an integer beyond 64 bits"
     if record["trial_id"] != trial_id:
         return f"trial_id: {_short(record['trial_id'])} does not match its file name ({trial_id})"
+    return None
+
+
+def _oversized_int(record: dict) -> str | None:
+    """The key of the first integer anywhere in the record that int64 (Parquet) cannot hold."""
+    stack = [(key, value) for key, value in record.items()]
+    while stack:
+        key, value = stack.pop()
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            return str(key)[:60]
+        if isinstance(value, dict):
+            stack.extend((key, v) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((key, v) for v in value)
     return None
 
 

@@ -2,14 +2,19 @@
 
 torch.utils.cpp_extension compiles it with g++ -O3 -march=native -fopenmp into a cache directory
 (`RANKSEARCH_KERNEL_DIR`, default ~/.cache/ranksearch/kernels), keyed by the source, the torch
-version and the CPU's instruction set, so a machine never loads code built for another; `make
-install` builds it once ahead of time. Without a compiler (or with RANKSEARCH_TT_KERNEL=0) the
-lookup runs the pure-PyTorch path of tt_lookup.py, with the same results: the kernel is speed only.
+version and install, the interpreter and the CPU's instruction set, so a machine never loads code
+built for another and two virtual environments never rebuild each other's copy; `make install`
+builds it once ahead of time. A finished build is imported directly (no ninja run, no lock), so
+parallel processes (sharded ranks, Ray workers) only read it; builds are serialized by an flock
+that dies with its holder, so a killed build never blocks (torch's own lock file would make every
+later process wait forever) and its cut-short library is never loaded. A failed build, or RANKSEARCH_TT_KERNEL=0, leaves the
+lookup on the pure-PyTorch path of tt_lookup.py, with the same results: the kernel is speed only.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import platform
 import shutil
@@ -35,7 +40,8 @@ def _cpu_flags() -> str:
 
 def build_dir() -> Path:
     key = hashlib.sha256(
-        SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode() + sys.version.encode()
+        SOURCE.read_bytes() + torch.__version__.encode() + str(Path(torch.__file__).parent).encode()
+        + _cpu_flags().encode() + sys.version.encode()
     ).hexdigest()[:16]
     root = Path(os.environ.get("RANKSEARCH_KERNEL_DIR", Path.home() / ".cache" / "ranksearch" / "kernels"))
     return root / key
@@ -64,8 +70,6 @@ def _import_built(where: Path, name: str):
     Only a build that completed is imported: `<name>.ok` holds the size of the library it wrote
     (dlopen of a library cut short by a killed build is a bus error, not an exception).
     """
-    import importlib.util
-
     so, done = where / f"{name}.so", where / f"{name}.ok"
     try:
         if done.read_text() != str(so.stat().st_size):

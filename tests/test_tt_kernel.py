@@ -1,4 +1,5 @@
-"""The kernel cache survives a killed build: a stale torch lock or a cut-short library never hangs or crashes."""
+"""The compiled lookup kernel's cache: a built module is imported without a build step; a killed
+build (stale torch lock, cut-short library) never hangs or crashes a later process."""
 
 import shutil
 import subprocess
@@ -41,3 +42,12 @@ def test_library_cut_short_is_rebuilt_not_loaded(built_copy):
     (where / "lock").touch()
     assert load_in_subprocess() == name
     assert (where / f"{name}.ok").read_text() == str((where / f"{name}.so").stat().st_size)
+
+
+def test_built_module_imports_without_building():
+    if tt_kernel.kernel() is None:
+        pytest.skip("the fused TT kernel could not be built here")
+    where = tt_kernel.build_dir()
+    module = tt_kernel._import_built(where, f"ranksearch_tt_lookup_{where.name}")
+    assert module is not None and hasattr(module, "forward") and hasattr(module, "backward")
+    assert tt_kernel._import_built(where, "no_such_module") is None
