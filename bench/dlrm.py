@@ -1,6 +1,6 @@
 """DLRM with TT-embedding tables: (1) embedding-parameter reduction and AUC against the dense
-DLRM on synthetic Criteo-like data; (2) lookup throughput of one table, TT against
-nn.EmbeddingBag and TorchRec's fused EmbeddingBagCollection.
+DLRM on synthetic Criteo-like data; (2) training throughput and peak memory, TT tables against
+TorchRec's fused tables (single-table lookup speed is bench/tables.py).
 
 (1) Every model is trained by `models.train.fit` with the same data, seed and training
 settings; only the method / budget differ. The data come from the synthetic generator
@@ -10,25 +10,16 @@ Budgets are fractions of the dense parameter count of the factorized tables; the
 reduction is reported for the factorized tables and for all embedding parameters
 (the small plain tables included).
 
-(2) One table of the same logical size per variant, all fed the same ids (uniform: few
-repeats, the worst case for TT, which computes each distinct id of a batch once; or
-Zipf-distributed, as real categorical ids are): forward + backward per batch, reported as
-lookups per second (ids looked up / seconds). The variants take turns, one timed block each
-per round, and the median over rounds is reported, so drift in the machine's load hits all
-alike.
-- TT: `FactorizedEmbeddingBag` (ttm, what `TTEmbeddingBagCollection` holds), gradients into
-  the cores; no optimizer step.
-- nn.EmbeddingBag (what `torchrec.EmbeddingBagCollection` holds): dense gradient of the whole
-  table (autograd's default), and sparse=True (gradient rows only); no optimizer step.
-- fused (CPU): `torchrec.modules.fused_embedding_modules.FusedEmbeddingBagCollection`, FBGEMM's
-  SplitTableBatchedEmbeddingBagsCodegen with the SGD update fused into the backward, called
-  with a KeyedJaggedTensor: its time INCLUDES the optimizer update, which the others leave
-  out. On cuda only TT and nn.EmbeddingBag run (the CUDA build of fbgemm is not installed).
+(2) The Criteo Kaggle cardinalities at dim 16 (33.8 M rows, 2.2 GB of weights as plain tables):
+our DLRM with TT tables (ttm, rank 16) and the fused row-wise Adagrad table optimizer, TorchRec's
+own DLRM over a `FusedEmbeddingBagCollection` (FBGEMM's table-batched kernel, row-wise Adagrad
+fused into backward: what TorchRec users train), and our dense baseline (plain tables, sparse
+gradients, the same row-wise Adagrad in backward). Adam trains the MLPs everywhere. Each variant
+runs in its own process, so its peak resident memory is its own.
 """
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import statistics
@@ -54,18 +45,8 @@ FULL = dict(
               ("bayesian", 3e-4, {}, {"kl_weight": 1e-3, "hyperprior": "half_cauchy", "eta": 0.1}),  # their DLRM
               ("l0", 3e-4, {}, {}), ("lwiq", 3e-4, {}, {}), ("lwiq", 1e-4, {}, {})],
     ),
-    lookup=dict(
-        cases=[
-            dict(rows=10**6, dim=128, bags=4096, pooling=1),
-            dict(rows=10**6, dim=128, bags=4096, pooling=1, ids="zipf"),
-            dict(rows=10**6, dim=128, bags=4096, pooling=10),
-            # 10^7 x 128 is 5 GB per dense copy: only the fused table beside TT (memory is shared)
-            dict(rows=10**7, dim=128, bags=4096, pooling=1, variants=("tt", "fused")),
-        ],
-        ranks=[16, 32],
-        repeats=7,
-        min_block_s=0.2,
-    ),
+    throughput=dict(table_sizes=None, dim=16, rank=16, batch=2048, steps=10, warmup=3, threads=1, timeout_s=1200,
+                    variants=("tt", "torchrec_fused", "dense")),  # table_sizes None: the Kaggle cardinalities
 )
 QUICK = dict(
     compression=dict(
@@ -75,7 +56,8 @@ QUICK = dict(
         model_options={"embedding_dim": 16, "min_rows": 1000, "dense_arch": [64], "over_arch": [64]},
         runs=[("dense", None, {}, {}), ("fixed", 1e-2, {}, {}), ("bayesian", 1e-2, {}, {})],
     ),
-    lookup=dict(cases=[dict(rows=10**5, dim=64, bags=1024, pooling=1)], ranks=[16], repeats=3, min_block_s=0.02),
+    throughput=dict(table_sizes=[100_000] * 4 + [100] * 22, dim=16, rank=8, batch=512, steps=3, warmup=1, threads=1,
+                    timeout_s=300, variants=("tt", "torchrec_fused", "dense")),
 )
 
 
@@ -161,130 +143,137 @@ def _compression_markdown(config: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# ---- (2) lookup throughput --------------------------------------------------------------------
+# ---- (2) training throughput and peak memory -------------------------------------------------
 
 
-class _Variant:
-    def __init__(self, label: str, module, call, params: int, device: torch.device):
-        self.label, self.module, self.call, self.params, self.device = label, module, call, params, device
-        self.times: list[float] = []
-        self.calls = 1
+def _synthetic_batches(sizes, batch: int, count: int, seed: int = 0):
+    """Criteo-shaped batches: Zipf(1.1)-popular ids per table (hashed ids are), random dense and labels."""
+    from bench.tables import batch_ids
+    from ranksearch.models.data.criteo import make_batch
 
-    def once(self) -> None:
-        for p in self.module.parameters():
-            p.grad = None
-        self.call(self.module).sum().backward()
-
-    def block(self) -> float:
-        _sync(self.device)
-        start = time.perf_counter()
-        for _ in range(self.calls):
-            self.once()
-        _sync(self.device)
-        return (time.perf_counter() - start) / self.calls
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _ids(case: dict, device: torch.device) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    n, rows = case["bags"] * case["pooling"], case["rows"]
-    if case.get("ids", "uniform") == "uniform":
-        return torch.randint(0, rows, (n,), generator=g).to(device)
-    # Zipf(1.1) popularity, scattered over the table as hashing does (see models.data.synthetic)
-    u = torch.rand(n, generator=g, dtype=torch.float64)
-    rank = ((1 + u * ((rows + 1.0) ** -0.1 - 1)) ** (1 / -0.1)).floor().long().clamp(1, rows) - 1
-    return ((rank * 2_147_483_647 + 12345) % rows).to(device)
-
-
-def _lookup_case(case: dict, ranks, repeats: int, min_block_s: float, device: torch.device) -> list[dict]:
-    from ranksearch.models.tensorized import FactorizedEmbeddingBag
-
-    rows, dim, bags, pooling = case["rows"], case["dim"], case["bags"], case["pooling"]
-    wanted = case.get("variants", ("tt", "dense", "sparse", "fused"))
-    ids = _ids(case, device)
-    offsets = torch.arange(0, bags * pooling, pooling, device=device)
-    plain = lambda m: m(ids, offsets)  # noqa: E731
-    variants = []
-    if "tt" in wanted:
-        for r in ranks:
-            tt = FactorizedEmbeddingBag(rows, dim, format="ttm", max_rank=r, mode="sum").to(device)
-            variants.append(_Variant(f"TT ttm r{r} (FactorizedEmbeddingBag)", tt, plain, tt.num_parameters(), device))
-    if "dense" in wanted:
-        bag = torch.nn.EmbeddingBag(rows, dim, mode="sum").to(device)
-        variants.append(_Variant("nn.EmbeddingBag, dense grad", bag, plain, rows * dim, device))
-    if "sparse" in wanted:
-        bag = torch.nn.EmbeddingBag(rows, dim, mode="sum", sparse=True).to(device)
-        variants.append(_Variant("nn.EmbeddingBag, sparse grad", bag, plain, rows * dim, device))
-    if "fused" in wanted and device.type == "cpu":  # fbgemm-gpu-cpu here; the CUDA build is not installed
-        from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
-        from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
-
-        tables = [EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=rows, feature_names=["f"])]
-        fused = FusedEmbeddingBagCollection(tables, optimizer_type=torch.optim.SGD, optimizer_kwargs={"lr": 0.01})
-        kjt = KeyedJaggedTensor.from_lengths_sync(["f"], ids, torch.full((bags,), pooling, dtype=torch.int32))
-        variants.append(_Variant("torchrec FusedEmbeddingBagCollection (FBGEMM TBE, SGD fused in backward)",
-                                 fused, lambda m: m(kjt).values(), rows * dim, device))
-
-    for v in variants:  # warm up, then size blocks so each lasts about min_block_s
-        v.once()
-        v.calls = max(1, min(100, math.ceil(min_block_s / max(v.block(), 1e-9))))
-    for _ in range(repeats):  # rounds: every variant once per round
-        for v in variants:
-            v.times.append(v.block())
     out = []
-    for v in variants:
-        seconds = statistics.median(v.times)
-        out.append({
-            "rows": rows, "dim": dim, "bags": bags, "pooling": pooling, "ids": case.get("ids", "uniform"),
-            "unique_ids": int(torch.unique(ids).numel()), "lookups": bags * pooling, "device": device.type,
-            "variant": v.label, "params": v.params, "compression": rows * dim / v.params,
-            "ms_per_batch": seconds * 1e3, "lookups_per_s": bags * pooling / seconds,
-            "spread": (max(v.times) - min(v.times)) / seconds,
-        })
-    del variants
-    gc.collect()
+    for b in range(count):
+        sparse = torch.stack([batch_ids(n, batch, "zipf", "cpu", seed=seed + 1000 * b + k) for k, n in enumerate(sizes)], 1)
+        g = torch.Generator().manual_seed(seed + b)
+        dense = torch.rand(batch, 13, generator=g) * 5
+        labels = (torch.rand(batch, generator=g) < 0.25).float()
+        out.append(make_batch(dense, sparse, labels))
     return out
 
 
-def lookup(config: dict, device: torch.device) -> list[dict]:
+def _build(variant: str, sizes, dim: int, rank: int, table_lr: float):
+    """(model, table optimizer or None) of one throughput variant."""
+    from ranksearch.models.tensorized.table_optim import make_table_optimizer
+    from ranksearch.models.zoo.dlrm import build_dlrm
+
+    if variant == "torchrec_fused":  # TorchRec's own DLRM over FBGEMM TBE tables, row-wise Adagrad in backward
+        from torchrec.models.dlrm import DLRM
+        from torchrec.modules.embedding_configs import EmbeddingBagConfig
+        from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+        from torchrec.optim import RowWiseAdagrad
+
+        tables = [EmbeddingBagConfig(name=f"t_cat_{k}", embedding_dim=dim, num_embeddings=n, feature_names=[f"cat_{k}"])
+                  for k, n in enumerate(sizes)]
+        ebc = FusedEmbeddingBagCollection(tables, optimizer_type=RowWiseAdagrad, optimizer_kwargs={"lr": table_lr})
+        net = DLRM(embedding_bag_collection=ebc, dense_in_features=13, dense_arch_layer_sizes=[512, 256, 64, dim],
+                   over_arch_layer_sizes=[512, 256, 1])
+        return net, None
+    fmt = {"tt": "ttm", "dense": None}[variant]
+    net = build_dlrm(sizes, embedding_dim=dim, format=fmt, max_rank=rank)
+    return net, make_table_optimizer("rowwise_adagrad", table_lr).attach(net)
+
+
+def throughput_worker(variant: str, sizes, dim: int, rank: int, batch: int, steps: int, warmup: int) -> dict:
+    """Train `steps` batches (after `warmup`) in this process: samples/s and peak RSS."""
+    import resource
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    batches = _synthetic_batches(sizes, batch, 4)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    net, tables = _build(variant, sizes, dim, rank, 0.05)
+    params = sum(p.numel() for p in net.parameters())
+    dense = torch.optim.Adam([p for n, p in net.named_parameters() if "embedding_bag" not in n], lr=1e-3)
+    times = []
+    for step in range(warmup + steps):
+        b = batches[step % len(batches)]
+        start = time.perf_counter()
+        loss = F.binary_cross_entropy_with_logits(net(b.dense, b.sparse).reshape(-1), b.labels)
+        dense.zero_grad(set_to_none=True)
+        loss.backward()
+        dense.step()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"variant": variant, "samples_per_s": batch / statistics.median(times), "params": params,
+            "peak_rss_bytes": peak, "baseline_rss_bytes": base_rss, "loss": float(loss)}
+
+
+def throughput(config: dict) -> list[dict]:
+    """Each variant in its own process (peak memory is per process), one after the other."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
     rows = []
-    for case in config["cases"]:
-        rows += _lookup_case(case, config["ranks"], config["repeats"], config["min_block_s"], device)
+    for variant in config["variants"]:
+        args = dict(variant=variant, sizes=config["table_sizes"], dim=config["dim"], rank=config["rank"],
+                    batch=config["batch"], steps=config["steps"], warmup=config["warmup"])
+        code = ("import json, sys; from bench.dlrm import throughput_worker; "
+                "print(json.dumps(throughput_worker(**json.loads(sys.argv[1]))))")
+        env = {**os.environ, "OMP_NUM_THREADS": str(config["threads"])}
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1], env=env, timeout=config["timeout_s"])
+        if proc.returncode != 0:
+            rows.append({"variant": variant, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"})
+            continue
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    ref = next((r for r in rows if r["variant"] == "torchrec_fused" and "error" not in r), None)
+    for r in rows:
+        r["vs_torchrec_fused"] = r["samples_per_s"] / ref["samples_per_s"] if ref and "error" not in r else None
+        r["rank"] = config["rank"]
+        if "error" not in r:
+            dim = config["dim"]
+            r["table_weights_and_rowwise_state_bytes"] = sum(n * (dim + 1) * 4 for n in config["table_sizes"])
     return rows
 
 
-def _lookup_markdown(rows: list[dict]) -> str:
-    lines = []
-    keys = dict.fromkeys((r["rows"], r["dim"], r["bags"], r["pooling"], r["ids"], r["device"]) for r in rows)
-    for key in keys:
-        n, d, b, p, ids, dev = key
-        case = [r for r in rows if (r["rows"], r["dim"], r["bags"], r["pooling"], r["ids"], r["device"]) == key]
-        ref = next((r for r in case if "Fused" in r["variant"]),
-                   next((r for r in case if "sparse grad" in r["variant"]), case[0]))
-        lines += [
-            f"Table {n:,} × {d} on {dev}, {b:,} bags of {p} id{'s' if p > 1 else ''} ({ids} ids, "
-            f"{case[0]['unique_ids']:,} distinct), forward + backward:",
-            "",
-            f"| variant | params | compression | ms / batch | lookups / s | vs {ref['variant'].split(' (')[0]} |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for r in case:
-            lines.append(
-                f"| {r['variant']} | {r['params']:,} | {r['compression']:,.0f}× | {r['ms_per_batch']:.2f} | "
-                f"{r['lookups_per_s']:,.0f} | {r['lookups_per_s'] / ref['lookups_per_s']:.3f}× |"
-            )
-        lines.append("")
-    return "\n".join(lines).rstrip()
+_LABELS = {
+    "tt": "TT tables (ttm), fused row-wise Adagrad (ours)",
+    "dense": "plain tables, sparse grads + row-wise Adagrad in backward (ours, dense baseline)",
+    "torchrec_fused": "TorchRec FusedEmbeddingBagCollection (FBGEMM TBE, row-wise Adagrad fused)",
+}
+
+
+def _throughput_markdown(config: dict, rows: list[dict]) -> str:
+    sizes = config["table_sizes"]
+    lines = [
+        f"DLRM training step (forward, backward, tables updated in backward, Adam on the MLPs), "
+        f"{len(sizes)} tables of {sum(sizes):,} rows in all, dim {config['dim']}, batch {config['batch']:,}, "
+        f"synthetic Criteo batches (Zipf ids), {config['threads']} thread(s), median of {config['steps']} steps; "
+        f"each variant in its own process (peak resident memory):",
+        "",
+        "| variant | params | samples / s | ÷ TorchRec fused | peak RSS | plain tables: weights + row-wise state |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {_LABELS[r['variant']]} | - | failed: {r['error']} | - | - | - |")
+            continue
+        ratio = "-" if r["vs_torchrec_fused"] is None else f"{r['vs_torchrec_fused']:.2f}×"
+        lines.append(
+            f"| {_LABELS[r['variant']]} | {r['params']:,} | {r['samples_per_s']:,.0f} | {ratio} | "
+            f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['table_weights_and_rowwise_state_bytes'] / 2**30:.2f} GiB |"
+        )
+    return "\n".join(lines)
 
 
 # ---- entry point ------------------------------------------------------------------------------
 
 
-def run(quick: bool = False, device: str = "cpu", parts=("compression", "lookup")) -> dict:
+def run(quick: bool = False, device: str = "cpu", parts=("compression", "throughput")) -> dict:
     config = QUICK if quick else FULL
     before = torch.get_num_threads()
     threads = _threads()
@@ -297,10 +286,15 @@ def run(quick: bool = False, device: str = "cpu", parts=("compression", "lookup"
             result_rows += [{"part": "compression", **r} for r in rows]
             sections.append("### Embedding-parameter reduction and AUC against the dense DLRM\n\n"
                             + _compression_markdown(config["compression"], rows))
-        if "lookup" in parts:
-            rows = lookup(config["lookup"], torch.device(device))
-            result_rows += [{"part": "lookup", **r} for r in rows]
-            sections.append("### Lookup throughput, one table\n\n" + _lookup_markdown(rows))
+        if "throughput" in parts:
+            from ranksearch.models.data.criteo import KAGGLE_TABLE_SIZES
+
+            tconfig = dict(config["throughput"])
+            tconfig["table_sizes"] = tconfig["table_sizes"] or list(KAGGLE_TABLE_SIZES)
+            rows = throughput(tconfig)
+            result_rows += [{"part": "throughput", **r} for r in rows]
+            sections.append("### DLRM training throughput and memory: TT tables against TorchRec's fused tables\n\n"
+                            + _throughput_markdown(tconfig, rows))
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         note = (f"_torch threads {threads}; load average {load_before:.1f} before, {load:.1f} after "
                 f"(other processes share the machine: compare rows within a table, not across runs)._")
@@ -316,7 +310,7 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--parts", default="compression,lookup")
+    parser.add_argument("--parts", default="compression,throughput")
     parser.add_argument("--json")
     args = parser.parse_args()
     result = run(args.quick, parts=tuple(args.parts.split(",")))

@@ -112,8 +112,17 @@ def _fit(plan: Plan, slot: Slot, fit_kwargs: dict, on_epoch) -> dict:
     return fit_distributed(
         num_workers=resources["workers"], use_gpu=resources["gpu"] > 0, cpus_per_worker=plan.worker_cpus,
         gpus_per_worker=resources["gpu"] or None, storage_path=f"{plan.experiment_path}/train", name=slot.key,
-        tune_report=plan.report_epochs, dataset_options=options, **fit_kwargs,
+        callbacks=_epoch_callbacks(plan), dataset_options=options, **fit_kwargs,
     )
+
+
+def _epoch_callbacks(plan: Plan) -> list | None:
+    """Where the workers' epoch rows go: this trial's intermediate results, when the plan reports epochs."""
+    if not plan.report_epochs:
+        return None
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return [TuneReportCallback()]
 
 
 def _checkpoint(plan: Plan, model: str) -> str:

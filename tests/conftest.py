@@ -16,6 +16,15 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _tt_kernel_built():
+    """Build the fused TT lookup kernel (a few minutes, once per environment; then cached) before any
+    test starts, so no test's own timeout (a sharded run's, a Ray trial's) pays for the compile."""
+    from ranksearch.models.tensorized import tt_kernel
+
+    tt_kernel.kernel()
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray

@@ -292,10 +292,12 @@ def test_fit_distributed_in_a_tune_trial(ray_session, tmp_path, monkeypatch):
     storage = str(tmp_path)
 
     def trainable(config):  # defined here: pickled by value for the trial actor
+        from ray.tune.integration.ray_train import TuneReportCallback
+
         from ranksearch.models.distributed import fit_distributed
 
         record = fit_distributed(num_workers=2, use_gpu=False, cpus_per_worker=0.9, storage_path=storage,
-                                 name="inner", **config)
+                                 name="inner", callbacks=[TuneReportCallback()], **config)
         tune.report({
             "final_auc": record["auc"], "final_logloss": record["logloss"], "budget_met": record["budget_met"],
             "epochs_done": record["epochs_done"], "world_size": record["distributed"]["world_size"],

@@ -164,3 +164,25 @@ def test_no_per_lookup_copies_in_the_graph():
     assert sum("FusedLookup" in n for n in names) == 1
     assert not any("IndexSelect" in n or "Bmm" in n for n in names), names
     assert isinstance(bag.weight.factors[0], nn.Parameter)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fmt", ["tt", "ttm"])
+def test_cuda_fused_lookup_and_table_step_match_cpu(fmt, backend):
+    """On a GPU the fused path runs as batched PyTorch GEMMs (the C++ kernel is CPU only)."""
+    from ranksearch.models.tensorized.table_optim import make_table_optimizer
+
+    cpu = FactorizedEmbeddingBag(10**4, 16, format=fmt, max_rank=4)
+    gpu = FactorizedEmbeddingBag(10**4, 16, format=fmt, max_rank=4).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    ids, offsets = torch.randint(0, 10**4, (600,)), torch.arange(0, 600, 3)
+    out_c, grads_c = _run(cpu, True, ids, offsets)
+    out_g, grads_g = _run(gpu, True, ids.cuda(), offsets.cuda())
+    torch.testing.assert_close(out_g.cpu(), out_c, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads_g, grads_c):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
+    for bag, dev in ((cpu, "cpu"), (gpu, "cuda")):
+        make_table_optimizer("rowwise_adagrad", 0.1).attach(bag)
+        bag(ids.to(dev), offsets.to(dev)).sum().backward()
+    for a, b in zip(gpu.parameters(), cpu.parameters()):
+        torch.testing.assert_close(a.detach().cpu(), b.detach(), rtol=1e-4, atol=1e-5)

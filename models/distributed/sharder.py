@@ -70,7 +70,7 @@ from torchrec.distributed.types import (
 from torchrec.modules.embedding_configs import EmbeddingTableConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from ranksearch.models.tensorized.collection import TTEmbeddingBagCollection
+from ranksearch.models.tensorized.collection import PooledLookup, TTEmbeddingBagCollection
 from ranksearch.models.tensorized.layers import FactorizedEmbeddingBag
 
 __all__ = [
@@ -122,43 +122,25 @@ class TTPooledEmbeddingsLookup(nn.Module):
 
     The input KJT holds this rank's features in the order of `grouped_configs` (what the input
     dist delivers); the output is (batch, sum of dims) with one column block per feature, in the
-    same order (what the output dist expects). The table modules are not registered here: they
-    belong to the sharded collection's `embedding_bags` (one owner, one state-dict key each).
+    same order (what the output dist expects): the collection's own `PooledLookup` over those
+    tables. The table modules belong to the sharded collection's `embedding_bags`.
     """
 
     def __init__(self, grouped_configs: List[GroupedEmbeddingConfig], bags: Dict[str, nn.Module]) -> None:
         super().__init__()
-        self._tables = [
-            (table.name, list(table.feature_names), table.local_cols)
-            for config in grouped_configs
-            for table in config.embedding_tables
-        ]
-        missing = [name for name, _, _ in self._tables if name not in bags]
-        if missing:
-            raise ValueError(f"lookup: no module for table(s) {missing}")
-        self._bags = dict(bags)  # plain dict: not submodules
-        self._dim_sum = sum(dim * len(features) for _, features, dim in self._tables)
+        tables = [(t.name, list(t.feature_names)) for config in grouped_configs for t in config.embedding_tables]
+        self._pooled = PooledLookup(tables, bags)
 
     @property
     def table_names(self) -> List[str]:
-        return [name for name, _, _ in self._tables]
+        return self._pooled.table_names
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        if not self._tables:
+        if not self.table_names:
             # a rank that owns no table of this sharding still takes part in the all-to-all
             # (as TorchRec's own lookup: an empty tensor that can carry a gradient)
             return torch.empty([0], device=features.values().device, requires_grad=True)
-        jagged = features.to_dict()
-        pooled = []
-        for name, feature_names, _ in self._tables:
-            bag = self._bags[name]
-            for feature in feature_names:
-                jt = jagged[feature]
-                values = jt.values()
-                offsets = jt.offsets()[:-1].to(values.dtype)
-                weights = jt.weights_or_none()
-                pooled.append(bag(values, offsets, per_sample_weights=weights))
-        return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)
+        return self._pooled(features)
 
 
 class _TTLookupMixin:
@@ -240,6 +222,16 @@ class ShardedTTEmbeddingBagCollection(
             name: ps for name, ps in table_name_to_parameter_sharding.items()
             if name in {c.name for c in self._configs}
         }
+        self._check_features()
+        infos_by_type = self._sharding_infos(module)
+        self._place_tables(module, env)
+        self._create_shardings(infos_by_type, env)
+        self._column_order = self._output_column_order()
+
+    # -- construction, step by step (as TorchRec's ShardedEmbeddingBagCollection) ----------------
+
+    def _check_features(self) -> None:
+        """One table per feature (shared features are not supported)."""
         feature_owner: Dict[str, str] = {}
         for config in self._configs:
             for feature in config.feature_names:
@@ -252,24 +244,30 @@ class ShardedTTEmbeddingBagCollection(
         self._feature_names = [f for c in self._configs for f in c.feature_names]
         self._feature_dims = [c.embedding_dim for c in self._configs for _ in c.feature_names]
 
+    def _check_parameter_sharding(self, name: str) -> ParameterSharding:
+        ps = self.module_sharding_plan.get(name)
+        if ps is None:
+            raise ValueError(f"plan: no ParameterSharding for table {name!r}")
+        if ps.sharding_type not in SUPPORTED_SHARDING_TYPES:
+            raise ValueError(
+                f"plan: table {name!r} has sharding type {ps.sharding_type!r}; "
+                f"TT embedding collections support {', '.join(SUPPORTED_SHARDING_TYPES)}"
+            )
+        if ps.compute_kernel not in ACCEPTED_KERNELS:
+            raise ValueError(
+                f"plan: table {name!r} ({ps.sharding_type}) has compute kernel {ps.compute_kernel!r}; "
+                f"TT embedding collections compute with the tables' own modules: use "
+                f"{KERNEL_BY_SHARDING_TYPE[ps.sharding_type]!r} (plain parameters, optimizer outside)"
+            )
+        if ps.sharding_type == ShardingType.TABLE_WISE.value and (not ps.ranks or len(ps.ranks) != 1):
+            raise ValueError(f"plan: table-wise table {name!r} needs exactly one rank, got {ps.ranks}")
+        return ps
+
+    def _sharding_infos(self, module: TTEmbeddingBagCollection) -> Dict[str, List[EmbeddingShardingInfo]]:
+        """TorchRec's per-table sharding infos, grouped by sharding type (plan checked on the way)."""
         infos_by_type: Dict[str, List[EmbeddingShardingInfo]] = OrderedDict()
         for config in self._configs:
-            ps = self.module_sharding_plan.get(config.name)
-            if ps is None:
-                raise ValueError(f"plan: no ParameterSharding for table {config.name!r}")
-            if ps.sharding_type not in SUPPORTED_SHARDING_TYPES:
-                raise ValueError(
-                    f"plan: table {config.name!r} has sharding type {ps.sharding_type!r}; "
-                    f"TT embedding collections support {', '.join(SUPPORTED_SHARDING_TYPES)}"
-                )
-            if ps.compute_kernel not in ACCEPTED_KERNELS:
-                raise ValueError(
-                    f"plan: table {config.name!r} ({ps.sharding_type}) has compute kernel {ps.compute_kernel!r}; "
-                    f"TT embedding collections compute with the tables' own modules: use "
-                    f"{KERNEL_BY_SHARDING_TYPE[ps.sharding_type]!r} (plain parameters, optimizer outside)"
-                )
-            if ps.sharding_type == ShardingType.TABLE_WISE.value and (not ps.ranks or len(ps.ranks) != 1):
-                raise ValueError(f"plan: table-wise table {config.name!r} needs exactly one rank, got {ps.ranks}")
+            ps = self._check_parameter_sharding(config.name)
             bag = module.embedding_bags[config.name]
             infos_by_type.setdefault(ps.sharding_type, []).append(
                 EmbeddingShardingInfo(
@@ -291,9 +289,11 @@ class ShardedTTEmbeddingBagCollection(
                     fused_params={},
                 )
             )
+        return infos_by_type
 
-        # Which tables live here: table-wise ones owned by this rank, every data-parallel one.
-        rank = env.rank
+    def _place_tables(self, module: TTEmbeddingBagCollection, env: ShardingEnv) -> None:
+        """Keep the tables that live here: table-wise ones this rank owns, every data-parallel one
+        (replicas start equal: broadcast from rank 0, as DDP would)."""
         local: List[str] = []
         self._model_parallel_tables: List[str] = []
         self._data_parallel_tables: List[str] = []
@@ -302,18 +302,18 @@ class ShardedTTEmbeddingBagCollection(
             if ps.sharding_type == ShardingType.DATA_PARALLEL.value:
                 local.append(config.name)
                 self._data_parallel_tables.append(config.name)
-            elif ps.ranks[0] == rank:
+            elif ps.ranks[0] == env.rank:
                 local.append(config.name)
                 self._model_parallel_tables.append(config.name)
-        self.embedding_bags = nn.ModuleDict(
-            {name: module.embedding_bags[name].to(self._device) for name in local}
-        )
+        self.embedding_bags = nn.ModuleDict({name: module.embedding_bags[name].to(self._device) for name in local})
         if self._data_parallel_tables and env.world_size > 1 and dist.is_initialized():
-            with torch.no_grad():  # replicas start equal (DDP would also broadcast them)
+            with torch.no_grad():
                 for name in self._data_parallel_tables:
                     for tensor in self.embedding_bags[name].state_dict(keep_vars=True).values():
                         dist.broadcast(tensor.data, src=0, group=env.process_group)
 
+    def _create_shardings(self, infos_by_type: Dict[str, List[EmbeddingShardingInfo]], env: ShardingEnv) -> None:
+        """TorchRec's table-wise / data-parallel shardings with our lookup, and their lookups and output dists."""
         bags = dict(self.embedding_bags.items())
         self._sharding_types: List[str] = list(infos_by_type)
         self._embedding_shardings: List[EmbeddingSharding] = []
@@ -325,7 +325,6 @@ class ShardedTTEmbeddingBagCollection(
             else:
                 sharding = TTDpPooledEmbeddingSharding(infos, env, self._device, bags=bags)
             self._embedding_shardings.append(sharding)
-
         self._lookups = [sharding.create_lookup() for sharding in self._embedding_shardings]
         self._output_dists = [sharding.create_output_dist(device=self._device) for sharding in self._embedding_shardings]
         self._input_dists = []
@@ -333,7 +332,9 @@ class ShardedTTEmbeddingBagCollection(
         self._features_order: Optional[List[int]] = None
         self._input_keys: Optional[List[str]] = None
 
-        # Output columns: sharding by sharding (TorchRec's order) -> the unsharded collection's order.
+    def _output_column_order(self) -> Optional[torch.Tensor]:
+        """Output columns come sharding by sharding (TorchRec's order); this maps them to the
+        unsharded collection's order (None when they already are)."""
         sharded_names = [n for s in self._embedding_shardings for n in s.embedding_names()]
         sharded_dims = [d for s in self._embedding_shardings for d in s.embedding_dims()]
         start, offsets = 0, {}
@@ -341,7 +342,7 @@ class ShardedTTEmbeddingBagCollection(
             offsets[name] = (start, dim)
             start += dim
         order = [i for name in self._feature_names for i in range(offsets[name][0], offsets[name][0] + offsets[name][1])]
-        self._column_order = None if order == list(range(len(order))) else torch.tensor(order, dtype=torch.long)
+        return None if order == list(range(len(order))) else torch.tensor(order, dtype=torch.long)
 
     # -- the ShardedModule contract --------------------------------------------------------------
 

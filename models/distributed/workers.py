@@ -30,12 +30,13 @@ training phase (`Trainer.run`) instead:
 
 Rank 0's `fit` returns the record; Ray Train hands it to the driver (`Result.return_value`).
 
-Inside a Ray Tune trial (the orchestrator's trainable), per-epoch rows are forwarded to Tune as the
-trial's intermediate results (`TuneReportCallback`, Ray Train v2's integration); `ray.train.report`
-is the right call in the TorchTrainer workers (it raises in Tune's function trainable itself). The
-trial should reserve ~no resources of its own (Ray Train's controller takes 0 CPU; the workers
-ask for `cpus_per_worker` / 1 GPU each): e.g. `tune.with_resources(trainable, {"cpu": 0})`.
-Outside Tune, `on_epoch` is called with the rows after training ends.
+Where the per-epoch rows go is the caller's choice, not this module's: `callbacks` are Ray Train
+run callbacks — the orchestrator's Tune trainable passes Ray's `TuneReportCallback`, which forwards
+each row to the trial as an intermediate result (`ray.train.report` is the right call in the
+TorchTrainer workers; it raises in Tune's function trainable itself), so nothing here imports Ray
+Tune. The trial should reserve ~no resources of its own (Ray Train's controller takes 0 CPU; the
+workers ask for `cpus_per_worker` / 1 GPU each): e.g. `tune.with_resources(trainable, {"cpu": 0})`.
+`on_epoch`, if given, is called with the rows after training ends.
 """
 
 from __future__ import annotations
@@ -360,7 +361,7 @@ def fit_distributed(
     planner: str = "torchrec",
     storage_path: str | None = None,
     name: str | None = None,
-    tune_report: bool | None = None,
+    callbacks: Optional[list] = None,
     on_epoch: Optional[Callable[[dict], None]] = None,
     max_failures: int = 0,
     **fit_kwargs,
@@ -370,15 +371,14 @@ def fit_distributed(
     DistributedModelParallel; returns rank 0's record (see the module docstring).
 
     - `planner`: "torchrec" (EmbeddingShardingPlanner with TT-aware estimators) or "balanced".
-    - `tune_report`: forward each epoch row to Ray Tune (default: when called in a Tune trial).
-    - `on_epoch`: outside Tune, called here with each epoch row once training has finished.
+    - `callbacks`: Ray Train run callbacks that receive each epoch row as it is reported (e.g.
+      `ray.tune.integration.ray_train.TuneReportCallback()` inside a Tune trial).
+    - `on_epoch`: called here with each epoch row once training has finished.
     - `storage_path` / `name`: where Ray Train keeps the run (default ~/ray_results).
     """
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
 
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"num_workers: expected a positive integer, got {num_workers!r}")
@@ -396,10 +396,6 @@ def fit_distributed(
     if not ray.is_initialized():
         raise RuntimeError("fit_distributed: Ray is not initialized (ray.init(...) or run inside a Ray job)")
 
-    in_tune = _in_tune_session()
-    tune_report = in_tune if tune_report is None else tune_report
-    if tune_report and not in_tune:
-        raise RuntimeError("tune_report=True but this is not a Ray Tune trial")
     resources = {"CPU": float(cpus_per_worker)}
     if use_gpu:
         resources["GPU"] = float(gpus_per_worker if gpus_per_worker is not None else 1.0)
@@ -414,14 +410,14 @@ def fit_distributed(
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures),
-            callbacks=[TuneReportCallback()] if tune_report else None,
+            callbacks=list(callbacks) if callbacks else None,
         ),
     )
     result = trainer.fit()
     record = result.return_value
     if not isinstance(record, dict):
         raise RuntimeError(f"fit_distributed: rank 0 finished without a record (returned {type(record).__name__})")
-    if on_epoch is not None and not tune_report:
+    if on_epoch is not None:
         for row in record.get("history", []):
             on_epoch(row)
     return record

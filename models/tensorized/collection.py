@@ -17,6 +17,38 @@ from .layers import FactorizedEmbeddingBag
 from .names import FORMATS
 
 _POOLING = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}
+
+
+class PooledLookup:
+    """Pooled lookups of some tables' features: KJT -> (batch, sum of dims), one column block per
+    feature in the given order. Shared by `TTEmbeddingBagCollection` (all its tables) and the
+    sharded collection (the tables of one sharding on one rank, in TorchRec's grouped order).
+    Not a module: the tables belong to the caller's `embedding_bags` mapping, read at each call,
+    so a table replaced there (tensorize, pruning, unsharding) is the one looked up.
+    """
+
+    def __init__(self, tables: list[tuple[str, list[str]]], bags):
+        self._tables = [(name, list(features)) for name, features in tables]
+        missing = [name for name, _ in self._tables if name not in bags]
+        if missing:
+            raise ValueError(f"lookup: no module for table(s) {missing}")
+        self._bags = bags
+
+    @property
+    def table_names(self) -> list[str]:
+        return [name for name, _ in self._tables]
+
+    def __call__(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        jagged = features.to_dict()
+        pooled = []
+        for name, feature_names in self._tables:
+            bag = self._bags[name]
+            for feature in feature_names:
+                jt = jagged[feature]
+                values = jt.values()
+                offsets = jt.offsets()[:-1].to(values.dtype)
+                pooled.append(bag(values, offsets, per_sample_weights=jt.weights_or_none()))
+        return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)
 _TABLE_OPTIONS = ("format", "max_rank", "shape")
 
 
@@ -59,6 +91,7 @@ class TTEmbeddingBagCollection(nn.Module):
             self.embedding_bags[table.name] = bag.to(device) if device is not None else bag
         self._feature_names = [f for t in tables for f in t.feature_names]
         self._lengths = [t.embedding_dim for t in tables for _ in t.feature_names]
+        self._lookup = PooledLookup([(t.name, t.feature_names) for t in tables], self.embedding_bags)
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         return self._configs
@@ -71,12 +104,4 @@ class TTEmbeddingBagCollection(nn.Module):
         return next(self.parameters()).device
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        jagged = features.to_dict()
-        pooled = []
-        for table in self._configs:
-            bag = self.embedding_bags[table.name]
-            for feature in table.feature_names:
-                values = jagged[feature]
-                offsets = values.offsets()[:-1] if values.offsets().numel() else values.offsets()
-                pooled.append(bag(values.values(), offsets))
-        return KeyedTensor(keys=self._feature_names, length_per_key=self._lengths, values=torch.cat(pooled, dim=1))
+        return KeyedTensor(keys=self._feature_names, length_per_key=self._lengths, values=self._lookup(features))

@@ -2,15 +2,21 @@
 
 torch.utils.cpp_extension compiles it with g++ -O3 -march=native -fopenmp into a cache directory
 (`RANKSEARCH_KERNEL_DIR`, default ~/.cache/ranksearch/kernels), keyed by the source, the torch
-version and the CPU's instruction set, so a machine never loads code built for another; `make
-install` builds it once ahead of time. Without a compiler (or with RANKSEARCH_TT_KERNEL=0) the
-lookup runs the pure-PyTorch path of tt_lookup.py, with the same results: the kernel is speed only.
+version and install, the interpreter and the CPU's instruction set, so a machine never loads code
+built for another and two virtual environments never rebuild each other's copy; `make install`
+builds it once ahead of time. A built module is imported directly (no ninja run, no lock), so
+parallel processes (sharded ranks, Ray workers) only read it. cpp_extension's build lock is waited
+on while another process builds, and removed once older than BUILD_WAIT_S (a killed build leaves
+it behind; torch itself would wait forever). A failed build, or RANKSEARCH_TT_KERNEL=0, leaves the
+lookup on the pure-PyTorch path of tt_lookup.py, with the same results: the kernel is speed only.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
+import time
 import platform
 import shutil
 import sys
@@ -20,6 +26,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "tt_lookup.cpp"
+BUILD_WAIT_S = 600.0
 _state: dict = {}
 
 
@@ -35,7 +42,8 @@ def _cpu_flags() -> str:
 
 def build_dir() -> Path:
     key = hashlib.sha256(
-        SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode() + sys.version.encode()
+        SOURCE.read_bytes() + torch.__version__.encode() + str(Path(torch.__file__).parent).encode()
+        + _cpu_flags().encode() + sys.version.encode()
     ).hexdigest()[:16]
     root = Path(os.environ.get("RANKSEARCH_KERNEL_DIR", Path.home() / ".cache" / "ranksearch" / "kernels"))
     return root / key
@@ -58,15 +66,45 @@ def _with_ninja_on_path() -> None:
             return
 
 
+def _import_built(where: Path, name: str):
+    """The module from an existing build, or None."""
+    library = where / f"{name}.so"
+    if not library.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _wait_for_lock(where: Path) -> None:
+    """cpp_extension's build lock waits forever; wait at most BUILD_WAIT_S, then call it stale."""
+    lock = where / "lock"
+    while lock.exists():
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > BUILD_WAIT_S:  # no build takes this long: left by a killed one
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(0.5)
+
+
 def load(verbose: bool = False):
-    """The compiled module; raises when it cannot be built."""
+    """The compiled module (built first if needed); raises when it cannot be built."""
+    where = build_dir()
+    name = f"ranksearch_tt_lookup_{where.name}"
+    module = _import_built(where, name)
+    if module is not None:
+        return module
     from torch.utils import cpp_extension
 
     _with_ninja_on_path()
-    where = build_dir()
     where.mkdir(parents=True, exist_ok=True)
+    _wait_for_lock(where)
     return cpp_extension.load(
-        name=f"ranksearch_tt_lookup_{where.name}", sources=[str(SOURCE)], build_directory=str(where),
+        name=name, sources=[str(SOURCE)], build_directory=str(where),
         extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=verbose,
     )
 
