@@ -4,10 +4,10 @@ torch.utils.cpp_extension compiles it with g++ -O3 -march=native -fopenmp into a
 (`RANKSEARCH_KERNEL_DIR`, default ~/.cache/ranksearch/kernels), keyed by the source, the torch
 version and install, the interpreter and the CPU's instruction set, so a machine never loads code
 built for another and two virtual environments never rebuild each other's copy; `make install`
-builds it once ahead of time. A built module is imported directly (no ninja run, no lock), so
-parallel processes (sharded ranks, Ray workers) only read it. cpp_extension's build lock is waited
-on while another process builds, and removed once older than BUILD_WAIT_S (a killed build leaves
-it behind; torch itself would wait forever). A failed build, or RANKSEARCH_TT_KERNEL=0, leaves the
+builds it once ahead of time. A finished build is imported directly (no ninja run, no lock), so
+parallel processes (sharded ranks, Ray workers) only read it; builds are serialized by an flock
+that dies with its holder, so a killed build never blocks (torch's own lock file would make every
+later process wait forever) and its cut-short library is never loaded. A failed build, or RANKSEARCH_TT_KERNEL=0, leaves the
 lookup on the pure-PyTorch path of tt_lookup.py, with the same results: the kernel is speed only.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import time
 import platform
 import shutil
 import sys
@@ -26,7 +25,6 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "tt_lookup.cpp"
-BUILD_WAIT_S = 600.0
 _state: dict = {}
 
 
@@ -67,46 +65,53 @@ def _with_ninja_on_path() -> None:
 
 
 def _import_built(where: Path, name: str):
-    """The module from an existing build, or None."""
-    library = where / f"{name}.so"
-    if not library.is_file():
+    """The module from a finished build, without cpp_extension's rebuild check and its lock.
+
+    Only a build that completed is imported: `<name>.ok` holds the size of the library it wrote
+    (dlopen of a library cut short by a killed build is a bus error, not an exception).
+    """
+    so, done = where / f"{name}.so", where / f"{name}.ok"
+    try:
+        if done.read_text() != str(so.stat().st_size):
+            return None
+    except (OSError, ValueError):
         return None
-    spec = importlib.util.spec_from_file_location(name, library)
+    spec = importlib.util.spec_from_file_location(name, so)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def _wait_for_lock(where: Path) -> None:
-    """cpp_extension's build lock waits forever; wait at most BUILD_WAIT_S, then call it stale."""
-    lock = where / "lock"
-    while lock.exists():
-        try:
-            age = time.time() - lock.stat().st_mtime
-        except FileNotFoundError:
-            return
-        if age > BUILD_WAIT_S:  # no build takes this long: left by a killed one
-            lock.unlink(missing_ok=True)
-            return
-        time.sleep(0.5)
-
-
 def load(verbose: bool = False):
-    """The compiled module (built first if needed); raises when it cannot be built."""
+    """The compiled module; raises when it cannot be built.
+
+    A finished build is imported directly. A build runs under an flock on `build.flock`, which the
+    kernel releases when its holder dies, so concurrent trials wait for one compiler run and a killed
+    build never blocks later ones; cpp_extension's own `lock` file left by a killed build is stale
+    once we hold the flock and is removed (torch would wait on it forever).
+    """
+    import fcntl
+
     where = build_dir()
     name = f"ranksearch_tt_lookup_{where.name}"
-    module = _import_built(where, name)
-    if module is not None:
+    if (module := _import_built(where, name)) is not None:
         return module
-    from torch.utils import cpp_extension
-
-    _with_ninja_on_path()
     where.mkdir(parents=True, exist_ok=True)
-    _wait_for_lock(where)
-    return cpp_extension.load(
-        name=name, sources=[str(SOURCE)], build_directory=str(where),
-        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=verbose,
-    )
+    with open(where / "build.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        if (module := _import_built(where, name)) is not None:
+            return module
+        for leftover in ("lock", f"{name}.so", f"{name}.ok"):
+            (where / leftover).unlink(missing_ok=True)
+        from torch.utils import cpp_extension
+
+        _with_ninja_on_path()
+        module = cpp_extension.load(
+            name=name, sources=[str(SOURCE)], build_directory=str(where),
+            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=verbose,
+        )
+        (where / f"{name}.ok").write_text(str((where / f"{name}.so").stat().st_size))
+        return module
 
 
 def kernel():
