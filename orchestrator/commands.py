@@ -185,7 +185,8 @@ def _check_job_server(address: str) -> None:
     try:
         socket.create_connection((url.hostname, port), timeout=5).close()
     except OSError as exc:
-        raise ValueError(f"--address: nothing answers at {url.hostname}:{port} ({exc})") from None
+        raise ValueError(f"--address: cannot reach the Ray job server at {address}: nothing answers at "
+                         f"{url.hostname}:{port} ({exc})") from None
 
 
 def _wait(client, job_id: str, poll_s: float = 2.0) -> str:

@@ -121,7 +121,7 @@ def test_run_prints_the_fronts_and_report_rebuilds_them(ray_session, tmp_path, t
 
 
 def test_submit_refuses_bad_input_before_contacting_a_cluster(tmp_path, tiny_spec, capsys):
-    bad = write_spec(tmp_path / "bad.yaml", tiny_spec(budgets=[2]))
+    bad = write_spec(tmp_path / "bad.yaml", tiny_spec(budgets=[2.5]))
     assert main(["submit", bad, "--address", "http://127.0.0.1:1"]) == 2
     assert "budgets[0]" in capsys.readouterr().err
     outside = write_spec(tmp_path / "tiny.yaml", tiny_spec())

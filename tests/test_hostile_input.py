@@ -118,7 +118,7 @@ CLI_CASES = {  # argv -> what the error names
     "save to a folder": (["train", "--save", "{tmp}/"], "--save: {tmp}/ is a directory"),
     "storage is a file": (["run", "digits-quick", "--storage", "{tmp}/file"], "--storage: {tmp}/file is a file"),
     "name escapes": (["run", "digits-quick", "--storage", "{tmp}", "--name", "../../escaped"], "--name: expected letters"),
-    "no job server": (["submit", "digits-quick", "--address", "127.0.0.1:1"], "--address: nothing answers at 127.0.0.1:1"),
+    "no job server": (["submit", "digits-quick", "--address", "127.0.0.1:1"], "--address: cannot reach the Ray job server at 127.0.0.1:1"),
     "missing data": (["validate", "{tmp}/mnist.yaml"], "dataset: '{tmp}/nowhere' does not exist"),
     "unknown option": (["validate", "{tmp}/options.yaml"], "dataset_options.foo: not an option of 'digits'"),
 }

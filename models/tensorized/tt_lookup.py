@@ -44,6 +44,7 @@ class PrefixTree:
     @classmethod
     def of(cls, ids: torch.Tensor, row_shape) -> "PrefixTree":
         """`ids` distinct and sorted (torch.unique's output): every level is a consecutive unique."""
+        ids = ids.long()  # int32 ids (nn.EmbeddingBag takes both): the kernel indexes with int64
         strides = [math.prod(row_shape[k + 1 :]) for k in range(len(row_shape))]
         digits, parents, sizes = [], [], []
         for k, (n, s) in enumerate(zip(row_shape, strides)):
