@@ -126,6 +126,10 @@ def cells_table(trials: pa.Table, objectives: list[dict]) -> pa.Table:
     return pa.table({f.name: pa.array([r.get(f.name) for r in rows], type=f.type) for f in schema}, schema=schema)
 
 
+def _shown(value, spec: str, unit: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{unit}"
+
+
 def cells_text(path) -> str:
     """cells.parquet (a file or the report folder holding it) as the printed table: mean ± std per
     cell, Δ to the best cell of its model and budget, and whether that Δ beats the seed noise."""
@@ -148,8 +152,9 @@ def cells_text(path) -> str:
         else:
             noise = f"{'worse' if r['significant'] else 'within noise'} (p={r['p_value']:.2g})"
         lines.append([r["model"], r["method"], r["format"] or "-", "-" if r["budget"] is None else f"{r['budget']:g}",
-                      str(r["seeds"]), f"{r[f'{first}_mean']:.4f}{spread}", f"{r['params_mean']:,.0f}",
-                      f"{r['compression_mean']:.1f}x", f"{r[delta]:+.4f}", noise, "*" if r["on_front"] else ""])
+                      str(r["seeds"]), f"{r[f'{first}_mean']:.4f}{spread}", _shown(r["params_mean"], ",.0f"),
+                      _shown(r["compression_mean"], ".1f", "x"), f"{r[delta]:+.4f}", noise,
+                      "*" if r["on_front"] else ""])
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
     out = ["cells (mean over seeds; Δ and paired t-test vs the best cell of the same model and budget; "
            "* = on the front of cell means):",

@@ -114,3 +114,12 @@ def test_pareto_png_draws_error_bars_for_multi_seed_cells():
     means = sorted(float(bar.lines[0].get_ydata()[0]) for bar in bars)
     assert means == pytest.approx(sorted(c["accuracy_mean"] for c in cells if c["seeds"] > 1))
     assert all(bar.has_xerr and bar.has_yerr for bar in bars)
+
+
+def test_a_record_without_compression_prints_a_dash(tmp_path):
+    """A valid record may lack `compression` (a model without tensorizable layers): the table still prints."""
+    bare = record(0, "dense", 0, 0.9, 900)
+    bare["compression"] = None
+    write_reports([bare, record(1, "l0", 0, 0.8, 900)], tmp_path)
+    line = next(l for l in cells_text(tmp_path).splitlines() if l.startswith("mlp") and "dense" in l)
+    assert "0.9000" in line and " - " in line
