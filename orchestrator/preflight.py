@@ -13,15 +13,10 @@ import os
 from importlib import import_module
 from pathlib import Path
 
+from ranksearch.models.registry import DATASETS, MODELS
 from ranksearch.search_spaces import SpecError
 from ranksearch.search_spaces.errors import Errors, suggest
 
-# dataset kind -> (module under models.data, loader): its keyword parameters are the options it takes
-LOADERS = {
-    "digits": ("images", "load_digits"), "mnist14": ("bundled", "load_mnist14"), "mnist": ("images", "load_mnist"),
-    "cifar10": ("images", "load_cifar10"), "criteo": ("criteo", "load_criteo"),
-    "synthetic-criteo": ("synthetic", "synthetic_criteo"),
-}
 LOAD_DATASET_OPTIONS = {"max_train", "max_test"}  # models.data.load_dataset itself applies these
 SET_BY_TASK = {"input_shape", "num_classes", "table_sizes", "num_dense"}  # a model's builder gets these from the data
 
@@ -34,28 +29,27 @@ def _keywords(fn) -> set[str] | None:
     return {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
 
+def _options_source(obj):
+    """What `obj` passes its keyword options to (`options_of`, a callable or "module:attr"), or obj."""
+    target = getattr(obj, "options_of", obj)
+    if isinstance(target, str):
+        module, _, attribute = target.partition(":")
+        target = getattr(import_module(module), attribute)
+    return target
+
+
 def dataset_option_names(dataset: str) -> set[str] | None:
     kind = dataset.partition(":")[0]
-    if kind not in LOADERS:
+    if kind not in DATASETS:
         return None  # an import path (the user's own loader) or unknown: the schema speaks for it
-    module, name = LOADERS[kind]
-    accepted = _keywords(getattr(import_module(f"ranksearch.models.data.{module}"), name))
+    accepted = _keywords(_options_source(DATASETS.resolve(kind)))
     return None if accepted is None else (accepted - {"seed", "root", "path"}) | LOAD_DATASET_OPTIONS
 
 
 def model_option_names(model: str) -> set[str] | None:
-    from ranksearch.models.zoo import image
-    from ranksearch.models.zoo.names import MODELS
-
     if model not in MODELS:
         return None
-    if model == "dlrm":
-        from ranksearch.models.zoo.dlrm import build_dlrm
-
-        builder = build_dlrm
-    else:
-        builder = {"mlp": image.MLP, "lenet5": image.LeNet5}.get(model, image.CifarResNet)
-    accepted = _keywords(builder)
+    accepted = _keywords(_options_source(MODELS.resolve(model)))
     return None if accepted is None else accepted - SET_BY_TASK - {"depth", "self"}
 
 
@@ -78,7 +72,7 @@ def check_options(dataset: str, models: list, dataset_options: dict, model_optio
 def check_dataset_location(dataset: str, errors: Errors) -> None:
     """mnist:DIR, cifar10:DIR, criteo:PATH must exist where the search starts (local runs, validate)."""
     kind, _, where = dataset.partition(":")
-    if kind in LOADERS and where and not Path(where).expanduser().exists():
+    if where and not Path(where).expanduser().exists() and kind in DATASETS:
         errors.add("dataset", f"{where!r} does not exist (relative paths are from {os.getcwd()})")
 
 

@@ -85,12 +85,19 @@ class CifarResNet(nn.Module):
 
 
 def resnet20(input_shape, num_classes, **kwargs):
+    """CifarResNet of depth 20 (its keyword options)."""
     return CifarResNet(20, input_shape, num_classes, **kwargs)
 
 
 def resnet32(input_shape, num_classes, **kwargs):
+    """CifarResNet of depth 32 (its keyword options)."""
     return CifarResNet(32, input_shape, num_classes, **kwargs)
 
 
 def resnet56(input_shape, num_classes, **kwargs):
+    """CifarResNet of depth 56 (its keyword options)."""
     return CifarResNet(56, input_shape, num_classes, **kwargs)
+
+
+for _builder in (resnet20, resnet32, resnet56):
+    _builder.options_of = CifarResNet  # what the preflight checks model_options against
