@@ -1,4 +1,5 @@
-"""A throwaway `ray start --head` on loopback, for bench/watch.py and tests/test_metrics.py.
+"""A throwaway `ray start --head` on loopback, for bench/watch.py and the tests (metrics, job
+submission with token auth).
 
 Every port is its own (so several can run on one machine), its session files stay in a temp
 dir of its own, and it is stopped by signalling the one process started here (`ray stop`
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -34,11 +36,15 @@ def free_ports(n: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def ray_head(log_path, *, num_cpus: int = 1, report_ms: int = 1000, timeout_s: float = 120):
-    """Yields {"address", "metrics", "dashboard", "env", "temp_dir"}; token auth off (loopback only)."""
+def ray_head(log_path, *, num_cpus: int = 1, report_ms: int = 1000, timeout_s: float = 120,
+             auth_token: str | None = None):
+    """Yields {"address", "metrics", "dashboard", "env", "temp_dir"}; token auth only with `auth_token`.
+
+    This interpreter's folder leads PATH, so a job's `python` entrypoint is this environment's."""
     gcs, dash, client, agent, grpc, metrics, env_agent, nm, om = free_ports(9)
     temp_dir = tempfile.mkdtemp(prefix="rs-ray-", dir="/tmp")  # short: Ray puts Unix sockets in it
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": auth_token} if auth_token else {"RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, **auth, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--disable-usage-stats",
          f"--num-cpus={num_cpus}", f"--port={gcs}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
@@ -55,6 +61,8 @@ def ray_head(log_path, *, num_cpus: int = 1, report_ms: int = 1000, timeout_s: f
             while True:
                 try:
                     urllib.request.urlopen(url, timeout=2)
+                    break
+                except urllib.error.HTTPError:  # 401 with token auth: up, and it wants the token
                     break
                 except OSError:
                     if proc.poll() is not None or time.monotonic() > deadline:

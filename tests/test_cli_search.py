@@ -4,17 +4,12 @@ and job submission to a token-authenticated head."""
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 
+from bench._ray_head import ray_head
 from conftest import REPO
 from ranksearch.orchestrator.cli import main
 
@@ -131,54 +126,12 @@ def test_submit_refuses_bad_input_before_contacting_a_cluster(tmp_path, tiny_spe
     assert "cannot reach the Ray job server at http://127.0.0.1:1" in capsys.readouterr().err
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.fixture
 def token_head(tmp_path):
-    """A `ray start --head` with token auth in its own process group, every port its own."""
+    """A `ray start --head` with token auth, every port its own."""
     token = "ranksearch-test-token-" + os.urandom(8).hex()
-    gcs, dash, client, agent, grpc, metrics, env_agent, nm, om = free_ports(9)
-    temp_dir = tempfile.mkdtemp(prefix="rs-ray-", dir="/tmp")  # short: Ray puts Unix sockets in it
-    ray = os.path.join(REPO, ".venv", "bin", "ray")
-    head = subprocess.Popen(
-        [ray, "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=1", f"--port={gcs}",
-         f"--temp-dir={temp_dir}",  # its session files, and the "current cluster" pointer, stay there
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-         f"--dashboard-agent-grpc-port={grpc}", f"--metrics-export-port={metrics}",
-         f"--runtime-env-agent-port={env_agent}", f"--node-manager-port={nm}", f"--object-manager-port={om}"],
-        env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-             "PATH": os.path.dirname(ray) + os.pathsep + os.environ["PATH"]},
-        stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/api/version", timeout=2)
-            except urllib.error.HTTPError as exc:  # 401: up, and it wants the token
-                assert exc.code == 401
-                break
-            except OSError:
-                assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()
-                time.sleep(1)
-        yield url, token
-    finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_head(tmp_path / "head.log", timeout_s=180, auth_token=token) as head:
+        yield head["dashboard"], token
 
 
 def test_submit_runs_the_search_as_a_ray_job_with_token_auth(token_head, tmp_path, monkeypatch, capsys):
