@@ -1,4 +1,4 @@
-"""The shared RankMethod behaviour: how many epochs a method searches."""
+"""The shared RankMethod behaviour: how many epochs a method searches, budgets, what select keeps."""
 
 import pytest
 
@@ -143,3 +143,49 @@ def test_layer_scope_leaves_the_choice_within_a_layer_to_importance():
 def test_cost_options_are_checked_when_the_method_is_made(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         make_method("bayesian", **bad)
+
+
+def _one_slice_method(budget_aware: bool):
+    """A method whose own choice keeps one slice per edge (the most important: the last one)."""
+    import torch
+
+    from ranksearch.models.rank_selection.base import RankMethod
+
+    class OneSlice(RankMethod):
+        name = "one-slice"
+
+        def _attach(self):
+            pass
+
+        def importance(self):
+            return {name: [torch.arange(1.0, n + 1) for n in layer.max_ranks] for name, layer in self.layers.items()}
+
+        def natural_masks(self):
+            return {name: [torch.arange(n) == n - 1 for n in layer.max_ranks] for name, layer in self.layers.items()}
+
+    return OneSlice(budget_aware=budget_aware)
+
+
+@pytest.mark.parametrize("budget_aware", [True, False])
+def test_select_refills_to_the_budget_what_the_methods_threshold_dropped_below_it(budget_aware):
+    from torch import nn
+
+    from ranksearch.models.rank_selection.budget import tensorized_params
+    from ranksearch.models.tensorized import FactorizedLinear
+
+    net = nn.Sequential(FactorizedLinear(64, 64, format="tt", max_rank=8), FactorizedLinear(64, 64, format="tt", max_rank=8))
+    budget = tensorized_params(factorized_layers(net)) // 3
+    method = _one_slice_method(budget_aware)
+    method.attach(net, budget)
+    ranks = method.select()
+    natural = method.reached_params
+    assert natural < budget // 4  # one slice per edge: far under the budget
+    if budget_aware:  # asked for the budget: the most important dropped slices come back, up to it
+        assert natural < tensorized_params(method.layers) <= budget
+        assert all(r > 1 for rs in ranks.values() for r in rs)
+        for layer in method.layers.values():  # the slices kept are the most important (the last ones)
+            for edge, rank in enumerate(layer.ranks):
+                mask = layer.weight.mask(edge) != 0
+                assert bool(mask[-rank:].all()) and not bool(mask[:-rank].any())
+    else:
+        assert tensorized_params(method.layers) == natural and all(r == 1 for rs in ranks.values() for r in rs)

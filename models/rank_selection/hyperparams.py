@@ -29,7 +29,7 @@ BUDGET_SEARCH = {
     "budget_aware": True,  # drive the model to the budget during the search (schedule.py); paper: off
     "cut_start": 0.2,  # gradual cuts from this fraction of the search epochs ...
     "cut_end": 0.8,  # ... to this one, where the model reaches the budget and trains on at it
-    "dual_lr": 0.01,  # step of the dual variable (log-ratio of kept to budget parameters per optimizer step)
+    "dual_lr": 0.6,  # step of the dual variable per epoch (times the log-ratio of kept to budget parameters)
     "cost_power": 0.5,  # cuts drop the lowest importance / (parameters saved)**cost_power (0: importance alone)
     "cost_scope": "layer",  # layer: cost compares layers, importance alone picks within one | edge
     "preset": "default",  # default | paper (the paper's exact settings, PRESETS below)

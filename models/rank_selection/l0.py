@@ -17,8 +17,10 @@ ranks and mode sizes.
 Budget-aware search (`budget_aware`, the default; schedule.py): gradual cuts by importance from
 `cut_start` to `cut_end` of the search, and a Lagrange multiplier ν on the expected parameter
 count (constrained L0, Louizos et al. 2018): the penalty weight is lam + ν, and after every step
-ν += dual_lr · log(E[params] / budget), floored at 0, so the pressure grows while the gates would
-keep more than the budget and relaxes once they keep less. `preset: paper` turns both off.
+ν += (dual_lr / steps per epoch) · log(E[params] / budget), floored at 0, so the pressure grows
+while the gates would keep more than the budget and relaxes once they keep less; slices whose
+gates closed below the budget come back at `select`, most important first (base.select).
+`preset: paper` turns all three off.
 
 When `freeze_at_target` and the parameter count at evaluation gates reaches the attached budget
 (`attach(model, budget_params)`; None never freezes), the gates freeze as in the authors' code: μ
@@ -110,7 +112,7 @@ class L0Rank(RankMethod):
         if self.hp["budget_aware"] and not self.frozen and self.budget_params:
             at_max = sum(weight.num_parameters(effective=False) for weight in self._weights())
             expected = float(self.expected_fraction()) * at_max
-            self.nu = max(0.0, self.nu + self.hp["dual_lr"] * math.log(max(expected, 1.0) / self.budget_params))
+            self.nu = max(0.0, self.nu + self.dual_step() * math.log(max(expected, 1.0) / self.budget_params))
         super().step(epoch, batch)
         if (self.hp["freeze_at_target"] and not self.frozen and self.budget_params is not None
                 and self.eval_params() <= self.budget_params):
