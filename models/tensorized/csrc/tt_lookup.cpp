@@ -5,70 +5,79 @@
 // value is X_k[p] = X_{k-1}[parent[p]] (Dprev x r) @ block_k[digit[p]] (r x W), stored (Dprev*W).
 // Backward walks the levels from the leaves up: each parent sums its children's input gradients
 // (no atomics: children are a contiguous range), each core block sums the gradients of every node
-// that used it (per-thread buffers, reduced at the end). The matrices are tiny (r <= 64), so plain
-// loops with a contiguous, vectorizable inner dimension beat a BLAS call per node.
+// that used it (per-thread buffers, reduced at the end). The matrices are tiny (r <= 64), so
+// register-tiled loops with a contiguous, vectorizable inner dimension beat a BLAS call per node.
 #include <torch/extension.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#include <algorithm>
 #include <vector>
 
 namespace {
 
-// out[0:n] += sum_k s[k * ss] * M[k * ld + 0:n]: every product of the lookup is one of these
-// (a row of A times B, a column of A times G, a row of G times B^T). The columns go in chunks of a
-// compile-time width whose accumulator stays in vector registers across the k loop.
-template <typename T, int C>
-inline int64_t acc_chunks(T* __restrict__ out, int64_t c0, int64_t n, const T* __restrict__ s, int64_t ss,
-                          const T* __restrict__ M, int64_t ld, int64_t K) {
-  for (; c0 + C <= n; c0 += C) {
-    T acc[C];
+// out[i * ldo + c] (+)= sum_k s[i * si + k * sk] * M[k * ld + c] for i < rows, c < cols: every product
+// of the lookup is one of these (A @ B, A^T @ G, G @ B^T). Tiles of R rows x C columns keep their
+// accumulators in vector registers across the k loop, and each row of M loaded there serves all R
+// rows of the tile (one load per R fused multiply-adds, not one per FMA).
+template <typename T, int R, int C, bool Acc>
+inline void tile(T* __restrict__ out, int64_t ldo, const T* __restrict__ s, int64_t si, int64_t sk,
+                 const T* __restrict__ M, int64_t ld, int64_t K) {
+  T acc[R][C];
+  for (int i = 0; i < R; ++i) {
 #pragma omp simd
-    for (int c = 0; c < C; ++c) acc[c] = out[c0 + c];
-    for (int64_t k = 0; k < K; ++k) {
-      const T sk = s[k * ss];
-      const T* m = M + k * ld + c0;
+    for (int c = 0; c < C; ++c) acc[i][c] = Acc ? out[i * ldo + c] : T(0);
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const T* m = M + k * ld;
+    for (int i = 0; i < R; ++i) {
+      const T sv = s[i * si + k * sk];
 #pragma omp simd
-      for (int c = 0; c < C; ++c) acc[c] += sk * m[c];
+      for (int c = 0; c < C; ++c) acc[i][c] += sv * m[c];
     }
+  }
+  for (int i = 0; i < R; ++i) {
 #pragma omp simd
-    for (int c = 0; c < C; ++c) out[c0 + c] = acc[c];
+    for (int c = 0; c < C; ++c) out[i * ldo + c] = acc[i][c];
   }
-  return c0;
 }
 
-template <typename T>
-inline void acc_rows(T* __restrict__ out, int64_t n, const T* __restrict__ s, int64_t ss, const T* __restrict__ M,
-                     int64_t ld, int64_t K) {
+template <typename T, int R, bool Acc>
+inline void tile_row(T* out, int64_t ldo, const T* s, int64_t si, int64_t sk, const T* M, int64_t ld, int64_t K,
+                     int64_t cols) {
   constexpr int V = 64 / sizeof(T);  // one 512-bit register
-  int64_t c0 = acc_chunks<T, 2 * V>(out, 0, n, s, ss, M, ld, K);
-  c0 = acc_chunks<T, V>(out, c0, n, s, ss, M, ld, K);
-  c0 = acc_chunks<T, V / 2>(out, c0, n, s, ss, M, ld, K);
-  c0 = acc_chunks<T, V / 4>(out, c0, n, s, ss, M, ld, K);
-  for (; c0 < n; ++c0) {
-    T acc = out[c0];
-    for (int64_t k = 0; k < K; ++k) acc += s[k * ss] * M[k * ld + c0];
-    out[c0] = acc;
-  }
+  int64_t c = 0;
+  for (; c + 2 * V <= cols; c += 2 * V) tile<T, R, 2 * V, Acc>(out + c, ldo, s, si, sk, M + c, ld, K);
+  for (; c + V <= cols; c += V) tile<T, R, V, Acc>(out + c, ldo, s, si, sk, M + c, ld, K);
+  for (; c + V / 2 <= cols; c += V / 2) tile<T, R, V / 2, Acc>(out + c, ldo, s, si, sk, M + c, ld, K);
+  for (; c + V / 4 <= cols; c += V / 4) tile<T, R, V / 4, Acc>(out + c, ldo, s, si, sk, M + c, ld, K);
+  for (; c < cols; ++c) tile<T, R, 1, Acc>(out + c, ldo, s, si, sk, M + c, ld, K);
+}
+
+template <typename T, bool Acc>
+inline void gemm(T* out, int64_t ldo, int64_t rows, int64_t cols, const T* s, int64_t si, int64_t sk, const T* M,
+                 int64_t ld, int64_t K) {
+  int64_t i = 0;
+  for (; i + 4 <= rows; i += 4) tile_row<T, 4, Acc>(out + i * ldo, ldo, s + i * si, si, sk, M, ld, K, cols);
+  for (; i < rows; ++i) tile_row<T, 1, Acc>(out + i * ldo, ldo, s + i * si, si, sk, M, ld, K, cols);
 }
 
 template <typename T>
-inline void mm_acc(const T* a, const T* b, T* out, int64_t D, int64_t r, int64_t W) {
+inline void mm(const T* a, const T* b, T* out, int64_t D, int64_t r, int64_t W) {
   // out (D x W) = a (D x r) @ b (r x W)
-  for (int64_t i = 0; i < D * W; ++i) out[i] = 0;
-  for (int64_t i = 0; i < D; ++i) acc_rows(out + i * W, W, a + i * r, 1, b, W, r);
+  gemm<T, false>(out, W, D, W, a, r, 1, b, W, r);
 }
 
 template <typename T>
 inline void grad_b_acc(const T* a, const T* gx, T* gb, int64_t D, int64_t r, int64_t W) {
   // gb (r x W) += a^T (r x D) @ gx (D x W)
-  for (int64_t j = 0; j < r; ++j) acc_rows(gb + j * W, W, a + j, r, gx, W, D);
+  gemm<T, true>(gb, W, r, W, a, 1, r, gx, W, D);
 }
 
-template <typename T>
-inline void grad_a_acc(const T* gx, const T* bt, T* ga, int64_t D, int64_t r, int64_t W) {
-  // ga (D x r) += gx (D x W) @ bt (W x r), bt = b^T
-  for (int64_t i = 0; i < D; ++i) acc_rows(ga + i * r, r, gx + i * W, 1, bt, r, W);
+template <typename T, bool Acc>
+inline void grad_a(const T* gx, const T* bt, T* ga, int64_t D, int64_t r, int64_t W) {
+  // ga (D x r) (+)= gx (D x W) @ bt (W x r), bt = b^T
+  gemm<T, Acc>(ga, r, D, r, gx, W, 1, bt, r, W);
 }
 
 // start[q] .. start[q+1]: the children of parent q (parents sorted, every parent has a child)
@@ -90,7 +99,7 @@ void forward_level(const torch::Tensor& prev, const torch::Tensor& block, const 
   const int64_t P = digits.numel(), sx = prev.size(1), sb = r * W, so = D * W;
   const int threads = at::get_num_threads();  // torch.set_num_threads, whatever OpenMP runtime is loaded
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t p = 0; p < P; ++p) mm_acc(x + pa[p] * sx, b + dg[p] * sb, o + p * so, D, r, W);
+  for (int64_t p = 0; p < P; ++p) mm(x + pa[p] * sx, b + dg[p] * sb, o + p * so, D, r, W);
 }
 
 template <typename scalar_t>
@@ -120,9 +129,11 @@ void backward_level(const torch::Tensor& prev, const torch::Tensor& block, const
 #pragma omp for schedule(static)
     for (int64_t q = 0; q < Pp; ++q) {
       const scalar_t* a = x + q * sx;
-      for (int64_t p = start[q]; p < start[q + 1]; ++p) {
+      if (start[q] == start[q + 1]) std::fill(ga + q * sx, ga + (q + 1) * sx, scalar_t(0));  // no child
+      for (int64_t p = start[q]; p < start[q + 1]; ++p) {  // the first child writes the parent's gradient
         grad_b_acc(a, gx + p * sg, gb + dg[p] * sb, D, r, W);
-        grad_a_acc(gx + p * sg, b + dg[p] * sb, ga + q * sx, D, r, W);
+        if (p == start[q]) grad_a<scalar_t, false>(gx + p * sg, b + dg[p] * sb, ga + q * sx, D, r, W);
+        else grad_a<scalar_t, true>(gx + p * sg, b + dg[p] * sb, ga + q * sx, D, r, W);
       }
     }
   }
@@ -177,7 +188,7 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_out, std::vector<torch::T
     const auto& prev = xs[k - 1];
     const int64_t P = digits[k].numel(), Pp = prev.size(0), r = blocks[k].size(1), W = blocks[k].size(2);
     const int64_t D = prev.size(1) / r;
-    auto gprev = torch::zeros_like(prev);
+    auto gprev = torch::empty_like(prev);  // every parent has a child, whose gradient writes it first
     auto gblock = torch::zeros_like(blocks[k]);
     AT_DISPATCH_FLOATING_TYPES(blocks[k].scalar_type(), "tt_backward", [&] {
       backward_level<scalar_t>(prev, blocks[k], digits[k], parents[k], g, gprev, gblock, D, r, W);
