@@ -102,7 +102,7 @@ class _FusedLookup(torch.autograd.Function):
                 continue
             shape = ctx.core_shapes[k]
             if ctx.update is not None:  # the fused optimizer: touched slices only, no gradient for autograd
-                touched = torch.unique(tree.digits[k])
+                touched = torch.bincount(tree.digits[k], minlength=shape[1]).nonzero().flatten()  # sorted, no sort
                 ctx.update(k, touched, gblock.index_select(0, touched).reshape(-1, *_slice_shape(shape)).movedim(0, 1))
                 grads.append(None)
             else:
