@@ -82,29 +82,29 @@ class Variant:
         return (time.perf_counter() - start) / self.calls
 
 
-def _plain_variant(rows, dim, ids, offsets, device):
+def _plain_variant(rows, dim, ids, offsets, grad, device):
     bag = torch.nn.EmbeddingBag(rows, dim, mode="sum", sparse=True).to(device)
     opt = torch.optim.SGD(bag.parameters(), lr=LR)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        bag(ids, offsets).sum().backward()
+        bag(ids, offsets).backward(grad)
         opt.step()
 
     return Variant(REFERENCE, step, rows * dim, device)
 
 
-def _fused_variant(rows, dim, ids, batch, device):
+def _fused_variant(rows, dim, ids, batch, grad, device):
     from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
     from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 
     tables = [EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=rows, feature_names=["f"])]
     fused = FusedEmbeddingBagCollection(tables, optimizer_type=torch.optim.SGD, optimizer_kwargs={"lr": LR})
     kjt = KeyedJaggedTensor.from_lengths_sync(["f"], ids, torch.ones(batch, dtype=torch.int32))
-    return Variant(FUSED, lambda: fused(kjt).values().sum().backward(), rows * dim, device)
+    return Variant(FUSED, lambda: fused(kjt).values().backward(grad), rows * dim, device)
 
 
-def _tt_variant(fmt, rows, dim, rank, ids, offsets, device, compiled: bool, optimizer="sgd"):
+def _tt_variant(fmt, rows, dim, rank, ids, offsets, grad, device, compiled: bool, optimizer="sgd"):
     from ranksearch.models.tensorized import FactorizedEmbeddingBag, tt_kernel
     from ranksearch.models.tensorized.table_optim import make_table_optimizer
 
@@ -117,7 +117,7 @@ def _tt_variant(fmt, rows, dim, rank, ids, offsets, device, compiled: bool, opti
 
     path = ("compiled kernel" if compiled else "PyTorch path") if device.type == "cpu" else device.type
     label = f"TT {fmt} r{rank}, fused {optimizer} ({path})"
-    return Variant(label, lambda: bag(ids, offsets).sum().backward(), bag.num_parameters(), device, setup)
+    return Variant(label, lambda: bag(ids, offsets).backward(grad), bag.num_parameters(), device, setup)
 
 
 def _variants(case: dict, rank: int, device: torch.device) -> list[Variant]:
@@ -127,17 +127,19 @@ def _variants(case: dict, rank: int, device: torch.device) -> list[Variant]:
     wanted = case.get("variants", ("ttm", "tt", "plain", "fused"))
     ids = batch_ids(rows, batch, case["ids"], device)
     offsets = torch.arange(batch, device=device)
+    # the gradient an upstream network hands back: dense (a loss of .sum() would hand a stride-0 one)
+    grad = torch.randn(batch, dim, generator=torch.Generator().manual_seed(1)).to(device)
     out = []
     if "plain" in wanted:
-        out.append(_plain_variant(rows, dim, ids, offsets, device))
+        out.append(_plain_variant(rows, dim, ids, offsets, grad, device))
     if "fused" in wanted and device.type == "cpu":  # fbgemm-gpu-cpu here; the CUDA build is not installed
-        out.append(_fused_variant(rows, dim, ids, batch, device))
+        out.append(_fused_variant(rows, dim, ids, batch, grad, device))
     compiled = [True, False] if device.type == "cpu" and tt_kernel.kernel() is not None else [False]
     for fmt in ("ttm", "tt"):
         if fmt in wanted:
-            out += [_tt_variant(fmt, rows, dim, rank, ids, offsets, device, c) for c in compiled]
+            out += [_tt_variant(fmt, rows, dim, rank, ids, offsets, grad, device, c) for c in compiled]
     if "ttm" in wanted:
-        out.append(_tt_variant("ttm", rows, dim, rank, ids, offsets, device, compiled[0], "rowwise_adagrad"))
+        out.append(_tt_variant("ttm", rows, dim, rank, ids, offsets, grad, device, compiled[0], "rowwise_adagrad"))
     return out
 
 

@@ -175,6 +175,32 @@ def test_embedding_bag_per_sample_weights(fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("last", [False, True])
+def test_bags_of_one_id_match_the_dense_table_with_gradients(fmt, mode, weighted, last):
+    """One id per bag (DLRM features) takes pooling.py's index_add backward: values and factor
+    gradients equal nn.EmbeddingBag over the materialized table."""
+    if weighted and mode == "mean":
+        pytest.skip("per-sample weights need mode='sum'")
+    bag = FactorizedEmbeddingBag(100, 12, format=fmt, max_rank=3, mode=mode, include_last_offset=last).double()
+    ids = torch.tensor([3, 3, 50, 0, 99, 7, 12])
+    offsets = torch.arange(len(ids) + (1 if last else 0))
+    psw = torch.rand(len(ids), dtype=torch.float64) if weighted else None
+    upstream = torch.randn(len(ids), 12, dtype=torch.float64)
+    grads = []
+    for use_table in (False, True):
+        bag.zero_grad()
+        out = (F.embedding_bag(ids, table_of(bag), offsets, mode=mode, per_sample_weights=psw, include_last_offset=last)
+               if use_table else bag(ids, offsets, psw))
+        out.backward(upstream)
+        grads.append((out.detach(), [p.grad.clone() for p in bag.weight.factors]))
+    close(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        close(a, b)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_embedding_lookup_equals_dense(fmt):
     emb = FactorizedEmbedding(97, 10, format=fmt, max_rank=3).double()
     table = table_of(emb)

@@ -17,7 +17,9 @@ of what the FLOPs allow. This path follows EL-Rec (SC'22):
 
 Layouts: a TTM table has L cores (r_{k-1}, n_k, d_k, r_k); a TT table has L row cores
 (r_{k-1}, n_k, r_k) then column cores whose product (r_L, D) is a shared `tail` matrix (computed
-through ordinary autograd: it does not depend on the ids). Masks, `slice_gates` and
+and applied through ordinary autograd: it does not depend on the ids; a bag sums its r_L-wide
+rows before the tail, 8x less pooling traffic than 128-wide rows at rank 16). Masks,
+`slice_gates` and
 `factor_sampler` are applied to the cores before the lookup (`lookup_cores`), so every rank
 method keeps driving these tables; only the plain case (no gate, all masks on) takes the fused
 optimizer, the others hand dense core gradients to autograd.
@@ -68,29 +70,23 @@ def _core_blocks(core: torch.Tensor, tt_row: bool) -> torch.Tensor:
 
 class _FusedLookup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tree, shapes, update, tail, *cores):
-        """Rows (U, D) of the distinct ids in `tree`. shapes: per level (r_{k-1}, d_k, r_k)."""
-        blocks = [_core_blocks(c, tail is not None) for c in cores]
+    def forward(ctx, tree, shapes, update, tt_rows, *cores):
+        """Rows of the distinct ids in `tree` over the row cores: ttm (U, D); tt (U, r_L), the rows
+        before the tail. shapes: per level (r_{k-1}, d_k, r_k)."""
+        blocks = [_core_blocks(c, tt_rows) for c in cores]
         compiled = tt_kernel.usable(blocks[0])
         nodes = _forward_kernel(tree, blocks) if compiled else _forward_torch(tree, blocks, shapes)
-        last = nodes[-1].reshape(tree.sizes[-1], -1)  # ttm: (U, D); tt: (U, r_L)
-        out = last @ tail if tail is not None else last
-        ctx.tree, ctx.update, ctx.compiled, ctx.has_tail = tree, update, compiled, tail is not None
+        ctx.tree, ctx.update, ctx.compiled = tree, update, compiled
         ctx.core_shapes, ctx.n_nodes = [c.shape for c in cores], len(nodes)
-        ctx.save_for_backward(*nodes, *blocks, *([last, tail] if tail is not None else []))
-        return out
+        ctx.save_for_backward(*nodes, *blocks)
+        return nodes[-1].reshape(tree.sizes[-1], -1)
 
     @staticmethod
     def backward(ctx, grad_out):
         tree, levels = ctx.tree, len(ctx.core_shapes)
         saved = list(ctx.saved_tensors)
         nodes, blocks = saved[: ctx.n_nodes], saved[ctx.n_nodes : ctx.n_nodes + levels]
-        grad_tail = None
         g = grad_out.contiguous()
-        if ctx.has_tail:
-            last, tail = saved[-2:]
-            grad_tail = last.t() @ g if ctx.needs_input_grad[3] else None
-            g = g @ tail.t()
         if ctx.compiled:
             block_grads = tt_kernel.kernel().backward(g.reshape(tree.sizes[-1], -1), nodes, blocks, tree.digits, _parents(tree))
         else:
@@ -107,7 +103,7 @@ class _FusedLookup(torch.autograd.Function):
                 grads.append(None)
             else:
                 grads.append(gblock.reshape(shape[1], *_slice_shape(shape)).movedim(0, 1))
-        return (None, None, None, grad_tail, *grads)
+        return (None, None, None, None, *grads)
 
 
 def _slice_shape(core_shape) -> tuple:
@@ -164,6 +160,14 @@ def fused_rows(tensor, ids: torch.Tensor, row_shape, update=None) -> torch.Tenso
 
     `update(level, touched_digits, grad_slices)`: the fused table optimizer (plain cores only).
     """
+    rows, tail = fused_row_factors(tensor, ids, row_shape, update)
+    return rows if tail is None else rows @ tail
+
+
+def fused_row_factors(tensor, ids: torch.Tensor, row_shape, update=None):
+    """(rows, tail): the rows of `ids` are `rows @ tail` for a tt tensor (rows (U, r_L) from the
+    row cores, tail (r_L, D) from the column cores), `rows` itself (tail None) for ttm. Linear
+    pooling may sum the r_L-wide rows first and apply the tail once per bag."""
     cores, plain = lookup_cores(tensor)
     levels = len(row_shape)
     tree = PrefixTree.of(ids, row_shape)
@@ -174,9 +178,9 @@ def fused_rows(tensor, ids: torch.Tensor, row_shape, update=None) -> torch.Tenso
         row_cores, tail = cores, None
         shapes = [(c.shape[0], c.shape[2], c.shape[3]) for c in row_cores]
     if ids.numel() == 0:
-        width = tail.shape[1] if tail is not None else math.prod(s[1] for s in shapes)
-        return (row_cores[0].sum() * 0).expand(0, width)  # keeps the graph: backward gives zeros
-    return _FusedLookup.apply(tree, shapes, update if plain else None, tail, *row_cores)
+        width = shapes[-1][2] if tail is not None else math.prod(s[1] for s in shapes)
+        return (row_cores[0].sum() * 0).expand(0, width), tail  # keeps the graph: backward gives zeros
+    return _FusedLookup.apply(tree, shapes, update if plain else None, tail is not None, *row_cores), tail
 
 
 def lookup_cores(tensor) -> tuple[list[torch.Tensor], bool]:
