@@ -19,10 +19,9 @@ Layouts: a TTM table has L cores (r_{k-1}, n_k, d_k, r_k); a TT table has L row 
 (r_{k-1}, n_k, r_k) then column cores whose product (r_L, D) is a shared `tail` matrix (computed
 and applied through ordinary autograd: it does not depend on the ids; a bag sums its r_L-wide
 rows before the tail, 8x less pooling traffic than 128-wide rows at rank 16). Masks,
-`slice_gates` and
-`factor_sampler` are applied to the cores before the lookup (`lookup_cores`), so every rank
-method keeps driving these tables; only the plain case (no gate, all masks on) takes the fused
-optimizer, the others hand dense core gradients to autograd.
+`slice_gates` and `factor_sampler` are applied to the cores before the lookup (`lookup_cores`), so
+every rank method keeps driving these tables; only the plain case (no gate, all masks on) takes
+the fused optimizer, the others hand dense core gradients to autograd.
 """
 
 from __future__ import annotations
