@@ -145,25 +145,32 @@ class RankMethod(nn.Module):
         budget (the attached one unless given) holds. A budget-aware search that its own choice
         left under the attached budget is filled back up to it. Returns ranks per layer."""
         budget_params = self._budget(budget_params)
-        natural = self.natural_masks() or {}
         importance = self.importance()
-        searched = {name: [mask.clone() for mask in layer.weight.masks] for name, layer in self.layers.items()}
-        for name, keeps in natural.items():
+        keeps = self._own_choice(importance)
+        self.reached_params = sum(layer.params_at([int(k.sum()) for k in keeps[name]]) if name in keeps
+                                  else layer.num_parameters() for name, layer in self.layers.items())
+        # a search driven to this budget keeps what its own threshold would drop below it, and the
+        # cut below takes the least important first (Bayesian's prior alone left full-MNIST MLPs at 0.3x)
+        if not (self.hp.get("budget_aware") and budget_params == self.budget_params
+                and self.reached_params < budget_params):
+            for name, layer_keeps in keeps.items():
+                for edge, keep in enumerate(layer_keeps):
+                    self.layers[name].weight.set_mask(edge, keep)
+        prune_to_budget(self.layers, importance, budget_params, **self.cost_options())
+        return {name: layer.ranks for name, layer in self.layers.items()}
+
+    def _own_choice(self, importance) -> dict[str, list[torch.Tensor]]:
+        """`natural_masks` within the current masks, at least one slice per edge (the best one)."""
+        keeps = {}
+        for name, layer_keeps in (self.natural_masks() or {}).items():
             weight = self.layers[name].weight
-            for edge, keep in enumerate(keeps):
+            keeps[name] = []
+            for edge, keep in enumerate(layer_keeps):
                 keep = keep.to(torch.bool) & (weight.mask(edge) != 0)
                 if not keep.any():  # the method dropped every slice: keep its best one
                     keep[int(torch.argmax(importance[name][edge]))] = True
-                weight.set_mask(edge, keep)
-        self.reached_params = tensorized_params(self.layers)
-        if self.hp.get("budget_aware") and budget_params == self.budget_params and self.reached_params < budget_params:
-            # the search was driven to this budget: what its own threshold dropped below it comes back,
-            # the most important first (Bayesian's prior alone left full-MNIST MLPs at 0.3x the budget)
-            for name, masks in searched.items():
-                for edge, mask in enumerate(masks):
-                    self.layers[name].weight.set_mask(edge, mask != 0)
-        prune_to_budget(self.layers, importance, budget_params, **self.cost_options())
-        return {name: layer.ranks for name, layer in self.layers.items()}
+                keeps[name].append(keep)
+        return keeps
 
     def cost_options(self) -> dict:
         """How cuts weigh a slice's cost (budget.prune_to_budget); importance alone without them."""

@@ -188,7 +188,7 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_out, std::vector<torch::T
     const auto& prev = xs[k - 1];
     const int64_t P = digits[k].numel(), Pp = prev.size(0), r = blocks[k].size(1), W = blocks[k].size(2);
     const int64_t D = prev.size(1) / r;
-    auto gprev = torch::empty_like(prev);  // every parent has a child, whose gradient writes it first
+    auto gprev = torch::empty_like(prev);  // written by each parent's first child (backward_level)
     auto gblock = torch::zeros_like(blocks[k]);
     AT_DISPATCH_FLOATING_TYPES(blocks[k].scalar_type(), "tt_backward", [&] {
       backward_level<scalar_t>(prev, blocks[k], digits[k], parents[k], g, gprev, gblock, D, r, W);
