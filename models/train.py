@@ -1,5 +1,5 @@
 """`fit`: one training run of any method, ending at or under the budget, returning the
-result record every report and the CLI use (fields in DESIGN.md §2).
+result record every report and the CLI use (its fields: README, "One training run").
 
 `fit` builds a zoo model, its data and task; what each method does with them is its strategy
 (models/strategies.py: one registry, the baselines included), the same path `compress` takes
@@ -158,7 +158,7 @@ def _load_state(net, checkpoint: str) -> None:
 
 
 def run_record(run: Run, strategy, metrics: dict, wall_start: float) -> dict:
-    """The run-record fields every caller shares (DESIGN.md §2), from a finished run."""
+    """The run-record fields every caller shares (README, "One training run"), from a finished run."""
     net, cfg = run.net, run.cfg
     layers = factorized_layers(net)
     record = {

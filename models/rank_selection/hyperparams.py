@@ -1,8 +1,9 @@
 """Defaults for training and for every rank-selection method, in one place.
 
 The spec validator (search_spaces), the CLI and `fit` all read these tables, so a
-hyperparameter exists exactly when it is listed here. Values follow the papers
-(see ../shared/DESIGN.md §3) and can be overridden per run.
+hyperparameter exists exactly when it is listed here. Values follow the papers (each method's
+module docstring says where, and README's rank-selection table lists them) and can be
+overridden per run.
 """
 
 METHODS = ("bayesian", "l0", "lwiq", "fixed", "posthoc", "dense")
