@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ranksearch.models.tensorized import FactorizedEmbeddingBag, tt_kernel
-from ranksearch.models.tensorized.tt_lookup import PrefixTree
+from ranksearch.models.tensorized.tt_lookup import PrefixTree, distinct_ids
 
 from torch_fixtures import _one_thread, _seed  # noqa: F401  (autouse fixtures)
 
@@ -137,8 +137,46 @@ def test_prefix_tree_levels():
     assert tree.digits[2].tolist() == [0, 1, 0, 1, 4] and tree.parents[2].tolist() == [0, 0, 1, 1, 2]
 
 
+@pytest.mark.parametrize("rows, shape, n", [
+    (30, [2, 3, 5], 200),  # few ids: the comparison sort
+    (10**6, [100, 100, 100], 3000),  # radix sort, two passes
+    (10**7, [200, 200, 250], 3000),  # three passes
+    (10**6, [1000, 1000], 0),  # no ids
+    (4096, [4, 4, 4, 4, 4, 4], 2000),  # six levels
+])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_distinct_ids_and_tree_equal_torch_unique(rows, shape, n, dtype):
+    """The kernel's sort + tree in one pass against torch.unique + PrefixTree.of (either backend)."""
+    ids = torch.randint(0, rows, (n,), dtype=dtype)
+    ids[: n // 3] = ids[n // 3 : 2 * (n // 3)]  # repeats
+    unique, inverse, tree = distinct_ids(ids, shape)
+    want_unique, want_inverse = torch.unique(ids, return_inverse=True)
+    assert unique.dtype == ids.dtype and torch.equal(unique, want_unique) and torch.equal(inverse, want_inverse)
+    want = PrefixTree.of(want_unique, shape)
+    tree = tree or PrefixTree.of(unique, shape)  # the PyTorch backend builds it later
+    assert tree.sizes == want.sizes
+    assert all(torch.equal(a, b) for a, b in zip(tree.digits, want.digits))
+    assert all(torch.equal(a, b) for a, b in zip(tree.parents[1:], want.parents[1:]))
+
+
+@pytest.mark.parametrize("fmt", ["tt", "ttm"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rank16_dim128_float32_matches_the_einsum_path(fmt, threads):
+    """The kernel's vector tiles at the shapes of real tables (rank 16, dim factors 4x4x8)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        bag = FactorizedEmbeddingBag(10**6, 128, format=fmt, max_rank=16)
+        ids = torch.randint(0, 10**6, (1500,))
+        ids[:300] = torch.randint(0, 2000, (300,))  # shared prefixes
+        offsets = torch.arange(0, 1500, 3)
+        _assert_same(_run(bag, True, ids, offsets), _run(bag, False, ids, offsets), tol=1e-4)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_compiled_kernel_with_two_threads_equals_the_einsum_path(backend):
-    """The kernel's per-thread gradient buffers and parent ranges under OpenMP."""
+    """The kernel's digit groups and parent ranges under OpenMP."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

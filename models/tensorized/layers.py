@@ -18,7 +18,7 @@ from .formats import build_tensor
 from .names import FORMATS
 from .shapes import default_order, resolve_shape
 from .pooling import pool_rows
-from .tt_lookup import fused_row_factors, fused_rows
+from .tt_lookup import distinct_ids, fused_row_factors, fused_rows
 
 FUSED_FORMATS = ("tt", "ttm")  # formats with a fused lookup (tt_lookup.py); the others use the einsum path
 
@@ -277,10 +277,19 @@ class FactorizedEmbeddingBag(FactorizedLayer):
         out = self.weight.gather_rows(self._digits(ids), col_modes)
         return out.reshape(ids.shape[0], math.prod(self.col_shape))[:, : self.embedding_dim]  # 0 ids is fine
 
-    def distinct_rows(self, unique: torch.Tensor) -> torch.Tensor:
+    def _fused(self) -> bool:
+        return self.fused and self.format in FUSED_FORMATS
+
+    def distinct(self, ids: torch.Tensor):
+        """(unique, inverse, prefix tree or None) of 1-D ids: the tree comes with the sort on the fused path."""
+        if self._fused():
+            return distinct_ids(ids, self.row_shape)
+        return *torch.unique(ids, return_inverse=True), None
+
+    def distinct_rows(self, unique: torch.Tensor, tree=None) -> torch.Tensor:
         """`rows` for distinct sorted ids (torch.unique's output): the fused path where there is one."""
-        if self.fused and self.format in FUSED_FORMATS:
-            return fused_rows(self.weight, unique, self.row_shape, self.table_update)[:, : self.embedding_dim]
+        if self._fused():
+            return fused_rows(self.weight, unique, self.row_shape, self.table_update, tree)[:, : self.embedding_dim]
         return self.rows(unique)
 
     def dense_weight(self) -> torch.Tensor:
@@ -299,8 +308,8 @@ class FactorizedEmbeddingBag(FactorizedLayer):
     def lookup(self, input: torch.Tensor) -> torch.Tensor:
         """nn.Embedding semantics: rows for ids of any shape, (..., embedding_dim)."""
         self._check_ids(input)
-        unique, inverse = torch.unique(input.reshape(-1), return_inverse=True)
-        return self.distinct_rows(unique)[inverse].reshape(*input.shape, self.embedding_dim)
+        unique, inverse, tree = self.distinct(input.reshape(-1))
+        return self.distinct_rows(unique, tree)[inverse].reshape(*input.shape, self.embedding_dim)
 
     def forward(self, input, offsets=None, per_sample_weights=None):
         self._check_ids(input)
@@ -317,18 +326,18 @@ class FactorizedEmbeddingBag(FactorizedLayer):
             raise ValueError("input: expected 2-D (bags, length), or 1-D ids together with offsets")
         if per_sample_weights is not None and self.mode != "sum":
             raise ValueError(f"per_sample_weights: only supported with mode='sum', this bag uses {self.mode!r}")
-        unique, inverse = torch.unique(input, return_inverse=True)
-        rows, tail = self._pooling_factors(unique)
+        unique, inverse, tree = self.distinct(input)
+        rows, tail = self._pooling_factors(unique, tree)
         pooled = pool_rows(rows, inverse, offsets, self.mode, per_sample_weights, include_last_offset)
         return pooled if tail is None else pooled @ tail[:, : self.embedding_dim]
 
-    def _pooling_factors(self, unique: torch.Tensor):
+    def _pooling_factors(self, unique: torch.Tensor, tree=None):
         """(rows to pool, tail applied after pooling or None). A fused tt table's rows are
         (U, r_L) @ tail: sum and mean pool the r_L-wide rows, and the tail multiplies once per bag
         (at rank 16, dim 128, pooling moved 8x less data: it was half of a training step)."""
         if self.fused and self.format == "tt" and self.mode != "max":
-            return fused_row_factors(self.weight, unique, self.row_shape, self.table_update)
-        return self.distinct_rows(unique), None
+            return fused_row_factors(self.weight, unique, self.row_shape, self.table_update, tree)
+        return self.distinct_rows(unique, tree), None
 
     def _mode_ranges(self):
         n_rows = len(self.row_shape)
