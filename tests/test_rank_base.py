@@ -66,6 +66,15 @@ def test_budget_aware_search_reaches_the_budget_before_select(name):
     assert paper.state()["reached_over_budget"] > 1.5  # left to itself the method stops far above it
 
 
+def test_l0_reaches_the_budget_by_its_cuts_without_a_dual_unless_asked():
+    """L0's dual is off by default (l0.py: on full MNIST it closed a whole TTM edge); the cuts alone
+    bring the search to the budget, and `dual_lr` > 0 still raises the penalty while over it."""
+    method, budget, at_search_end = _search("l0", 0.15)
+    assert method.nu == 0 and at_search_end <= budget
+    method, budget, at_search_end = _search("l0", 0.15, dual_lr=0.6)
+    assert method.nu > 0 and at_search_end <= budget
+
+
 def test_paper_preset_fills_in_defaults_but_not_explicit_values():
     from ranksearch.models.rank_selection import resolve_preset
     from ranksearch.models.rank_selection.hyperparams import METHOD_DEFAULTS
@@ -139,6 +148,19 @@ def test_layer_scope_leaves_the_choice_within_a_layer_to_importance():
         cut("everything")
 
 
+@pytest.mark.parametrize("name", ["bayesian", "l0"])
+def test_default_cuts_compare_importance_alone(name):
+    """The penalties already charge a slice's size, so by default the cut does not divide by it
+    again: with cost_power 0.5 the full-MNIST MLP's first layer was cut to [6, 4, 2] while the
+    cheap head kept [7, 17] (Bayesian TTM 1 %, -0.6 points against importance alone)."""
+    from ranksearch.models.rank_selection import prune_to_budget
+    from ranksearch.models.rank_selection.budget import tensorized_params
+
+    layers, importance = _toy()
+    prune_to_budget(layers, importance, tensorized_params(layers) - 512, **make_method(name).cost_options())
+    assert {n: layer.ranks for n, layer in layers.items()} == {"big": [3], "small": [1]}
+
+
 @pytest.mark.parametrize("bad", [{"cost_scope": "slice"}, {"cost_power": -1}, {"cost_power": "high"}])
 def test_cost_options_are_checked_when_the_method_is_made(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
@@ -197,9 +219,9 @@ def test_the_dual_step_is_per_epoch_whatever_the_epochs_length(name):
     cap within ~100 steps and every slice of an MLP collapsed (accuracy 0.11)."""
     from ranksearch.models.rank_selection.base import RankMethod
 
-    method = make_method(name)
-    assert method.dual_step() == pytest.approx(method.hp["dual_lr"] / 64)  # first epoch: length unknown
+    method = make_method(name, dual_lr=0.6)
+    assert method.dual_step() == pytest.approx(0.6 / 64)  # first epoch: length unknown
     for batch in range(469):
         RankMethod.step(method, 0, batch)  # unattached: only the epoch bookkeeping runs
     RankMethod.step(method, 1, 0)
-    assert method.dual_step() == pytest.approx(method.hp["dual_lr"] / 469)
+    assert method.dual_step() == pytest.approx(0.6 / 469)

@@ -15,12 +15,16 @@ and a factor holds an edge once, so the expectation is exact: per factor, a prod
 ranks and mode sizes.
 
 Budget-aware search (`budget_aware`, the default; schedule.py): gradual cuts by importance from
-`cut_start` to `cut_end` of the search, and a Lagrange multiplier ν on the expected parameter
-count (constrained L0, Louizos et al. 2018): the penalty weight is lam + ν, and after every step
-ν += (dual_lr / steps per epoch) · log(E[params] / budget), floored at 0, so the pressure grows
-while the gates would keep more than the budget and relaxes once they keep less; slices whose
-gates closed below the budget come back at `select`, most important first (base.select).
-`preset: paper` turns all three off.
+`cut_start` to `cut_end` of the search; slices whose gates closed below the budget come back at
+`select`, most important first (base.select). Optionally (`dual_lr` > 0; default 0) a Lagrange
+multiplier ν on the expected parameter count (constrained L0, Louizos et al. 2018): the penalty
+weight is lam + ν, and after every step ν += (dual_lr / steps per epoch) · log(E[params] / budget),
+floored at 0. It is off by default because gates are independent: on an edge of 20 slices each
+one is redundant while its siblings are open, so a pressure large enough to reach a 100x budget
+(ν ≈ 12 on full MNIST) closed the costliest edge's gates together, in one sweep the loss could not
+answer, and the MLP's first TTM layer ended at ranks [15, 1, 5] (a Kronecker product; −0.5 points
+against [8, 5, 5] from the cuts alone, which remove one least important slice at a time and train
+on). `preset: paper` turns the cuts and the refill off.
 
 When `freeze_at_target` and the parameter count at evaluation gates reaches the attached budget
 (`attach(model, budget_params)`; None never freezes), the gates freeze as in the authors' code: μ
