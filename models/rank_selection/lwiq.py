@@ -41,8 +41,9 @@ search methods comes from. The paper has no public code; these are our choices:
   layers are close. Classes absent from the imprinting half are never
   predicted. Labels are cast to int (binary CTR labels become classes 0/1).
 - Significance: gain = acc(l) - acc(previous measured layer or input), divided
-  by the largest gain and floored at `min_share` (a layer that loses accuracy
-  still gets min_share of the most significant layer's share). If no layer
+  by the largest gain among the layers other than the output layer (below) and
+  floored at `min_share` (a layer that loses accuracy still gets min_share of
+  the most significant layer's share). If no layer
   gains, all layers count equally. Layers between factorized ones that are not
   factorized are credited to the next factorized layer; a factorized layer that
   never ran gets the floor.
@@ -103,6 +104,19 @@ def imprint_accuracy(fit_x: torch.Tensor, fit_y: torch.Tensor, eval_x: torch.Ten
     scores = F.normalize(eval_x, dim=1) @ F.normalize(sums, dim=1).T
     scores[:, torch.bincount(fit_y, minlength=classes) == 0] = -math.inf
     return float((scores.argmax(1) == eval_y).float().mean())
+
+
+def significance(gain: dict[str, float], output_layer: str | None, floor: float) -> dict[str, float]:
+    """Gains relative to the largest among the layers other than the output layer, floored at
+    `floor`; the output layer gets 1. Its gain says nothing of its rank, so it does not scale the
+    others either: on full MNIST the head's gain, twice the first layer's, halved that layer's share
+    while the nearly dense TT head kept 85 % of its max ranks (TT at 1 %: about -1 point)."""
+    scored = [g for name, g in gain.items() if name != output_layer] or list(gain.values())
+    top = max(scored)
+    out = {name: min(1.0, max(g / top, floor)) if top > 0 else 1.0 for name, g in gain.items()}
+    if output_layer is not None:
+        out[output_layer] = 1.0
+    return out
 
 
 def slice_norms(weight) -> list[torch.Tensor]:
@@ -237,11 +251,7 @@ class LWIQRank(RankMethod):
             acc = accuracy(feats[name])
             self.proxy_accuracy[name], self.gain[name] = acc, acc - prev
             prev = acc
-        top = max(self.gain.values())
-        floor = self.hp["min_share"]
-        self.significance = {name: max(g / top, floor) if top > 0 else 1.0 for name, g in self.gain.items()}
-        if self.output_layer is not None:
-            self.significance[self.output_layer] = 1.0
+        self.significance = significance(self.gain, self.output_layer, self.hp["min_share"])
         self.measure_samples = len(y)
         self.measure_time_s = time.perf_counter() - start
 
