@@ -4,8 +4,13 @@ One table per variant, all fed the same ids, each call = forward + backward + th
 update (SGD, lr 0.01, on every side), reported as lookups per second and as a ratio to
 `nn.EmbeddingBag(sparse=True)` + `torch.optim.SGD` (the issue's reference) and to TorchRec's
 `FusedEmbeddingBagCollection` (FBGEMM's table-batched kernel with SGD fused into backward).
-Variants take turns, one timed block each per round, and the median over rounds is reported,
-so drift in the machine's load hits all alike.
+Each variant lives in a process of its own and the variants take turns, one timed block each
+per round (the median over rounds is reported), so drift in the machine's load hits all alike
+and no variant runs on another's allocator state. Every worker runs glibc malloc with trimming
+off (`MALLOC_TRIM_THRESHOLD_` etc., `ALLOCATOR_ENV`), as a jemalloc/tcmalloc deployment behaves:
+by default glibc hands freed multi-MB blocks back to the system and the next step page-faults
+them in again (~800 faults per step for the sparse bag alone, 3.0 instead of 2.2 ms per batch
+in this VM), a cost that depends on what else the process freed before, not on the table.
 
 - TT ttm / tt: `FactorizedEmbeddingBag` with the fused lookup (`tt_lookup.py`) and the SGD
   table optimizer applied inside backward (`table_optim.py`); on CPU once with the compiled
@@ -17,8 +22,8 @@ so drift in the machine's load hits all alike.
 
 from __future__ import annotations
 
-import gc
 import math
+import multiprocessing
 import os
 import statistics
 import time
@@ -44,6 +49,9 @@ QUICK = dict(
     min_block_s=0.02,
 )
 LR = 0.01
+# glibc: large blocks from the heap, never trimmed (read at process start: set for the workers)
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**34),
+                 "MALLOC_TOP_PAD_": str(2**28)}
 REFERENCE = "nn.EmbeddingBag(sparse=True) + SGD"
 FUSED = "TorchRec FusedEmbeddingBagCollection (FBGEMM TBE, SGD in backward)"
 
@@ -66,14 +74,11 @@ def _sync(device: torch.device) -> None:
 class Variant:
     """One table and its training step (forward, backward, update)."""
 
-    def __init__(self, label, step, params: int, device, setup=None):
-        self.label, self.step, self.params, self.device, self.setup = label, step, params, device, setup
-        self.times: list[float] = []
+    def __init__(self, label, step, params: int, device):
+        self.label, self.step, self.params, self.device = label, step, params, device
         self.calls = 1
 
     def block(self) -> float:
-        if self.setup is not None:
-            self.setup()
         _sync(self.device)
         start = time.perf_counter()
         for _ in range(self.calls):
@@ -108,74 +113,115 @@ def _tt_variant(fmt, rows, dim, rank, ids, offsets, grad, device, compiled: bool
     from ranksearch.models.tensorized import FactorizedEmbeddingBag, tt_kernel
     from ranksearch.models.tensorized.table_optim import make_table_optimizer
 
+    if not compiled:  # this worker's process only: the pure-PyTorch lookup path
+        tt_kernel._state["module"] = None
     bag = FactorizedEmbeddingBag(rows, dim, format=fmt, max_rank=rank, mode="sum").to(device)
     make_table_optimizer(optimizer, LR).attach(bag)
-    kernel = tt_kernel.kernel() if compiled else None
-
-    def setup():  # each variant's own backend, set before its block
-        tt_kernel._state["module"] = kernel
-
     path = ("compiled kernel" if compiled else "PyTorch path") if device.type == "cpu" else device.type
     label = f"TT {fmt} r{rank}, fused {optimizer} ({path})"
-    return Variant(label, lambda: bag(ids, offsets).backward(grad), bag.num_parameters(), device, setup)
+    return Variant(label, lambda: bag(ids, offsets).backward(grad), bag.num_parameters(), device)
 
 
-def _variants(case: dict, rank: int, device: torch.device) -> list[Variant]:
+def _variant_specs(case: dict, device: torch.device) -> list[tuple]:
+    """What each worker builds: ("plain",), ("fused",), ("tt", format, compiled, optimizer)."""
     from ranksearch.models.tensorized import tt_kernel
 
-    rows, dim, batch = case["rows"], case["dim"], case["batch"]
     wanted = case.get("variants", ("ttm", "tt", "plain", "fused"))
+    specs = [("plain",)] if "plain" in wanted else []
+    if "fused" in wanted and device.type == "cpu":  # fbgemm-gpu-cpu here; the CUDA build is not installed
+        specs.append(("fused",))
+    compiled = [True, False] if device.type == "cpu" and tt_kernel.kernel() is not None else [False]
+    for fmt in ("ttm", "tt"):
+        if fmt in wanted:
+            specs += [("tt", fmt, c, "sgd") for c in compiled]
+    if "ttm" in wanted:
+        specs.append(("tt", "ttm", compiled[0], "rowwise_adagrad"))
+    return specs
+
+
+def _build(spec: tuple, case: dict, rank: int, device: torch.device) -> Variant:
+    rows, dim, batch = case["rows"], case["dim"], case["batch"]
     ids = batch_ids(rows, batch, case["ids"], device)
     offsets = torch.arange(batch, device=device)
     # the gradient an upstream network hands back: dense (a loss of .sum() would hand a stride-0 one)
     grad = torch.randn(batch, dim, generator=torch.Generator().manual_seed(1)).to(device)
-    out = []
-    if "plain" in wanted:
-        out.append(_plain_variant(rows, dim, ids, offsets, grad, device))
-    if "fused" in wanted and device.type == "cpu":  # fbgemm-gpu-cpu here; the CUDA build is not installed
-        out.append(_fused_variant(rows, dim, ids, batch, grad, device))
-    compiled = [True, False] if device.type == "cpu" and tt_kernel.kernel() is not None else [False]
-    for fmt in ("ttm", "tt"):
-        if fmt in wanted:
-            out += [_tt_variant(fmt, rows, dim, rank, ids, offsets, grad, device, c) for c in compiled]
-    if "ttm" in wanted:
-        out.append(_tt_variant("ttm", rows, dim, rank, ids, offsets, grad, device, compiled[0], "rowwise_adagrad"))
-    return out
+    if spec[0] == "plain":
+        return _plain_variant(rows, dim, ids, offsets, grad, device)
+    if spec[0] == "fused":
+        return _fused_variant(rows, dim, ids, batch, grad, device)
+    _, fmt, compiled, optimizer = spec
+    return _tt_variant(fmt, rows, dim, rank, ids, offsets, grad, device, compiled, optimizer)
+
+
+def _worker(conn, spec: tuple, case: dict, config: dict, device: str) -> None:
+    """One variant in its own process: build, size the block (about min_block_s), then time a
+    block whenever the parent asks, until it sends None."""
+    torch.set_num_threads(config["threads"])
+    try:
+        v = _build(spec, case, config["rank"], torch.device(device))
+        v.block()  # warm up
+        v.calls = max(1, min(200, math.ceil(config["min_block_s"] / max(v.block(), 1e-9))))
+        conn.send((v.label, v.params))
+        while conn.recv() is not None:
+            conn.send(v.block())
+    except Exception as exc:  # the parent names the variant and re-raises
+        conn.send(exc)
+    finally:
+        conn.close()
 
 
 def _case(case: dict, config: dict, device: torch.device) -> list[dict]:
-    from ranksearch.models.tensorized import tt_kernel
-
-    saved = tt_kernel._state.get("module", tt_kernel.kernel())
-    variants = _variants(case, config["rank"], device)
+    context = multiprocessing.get_context("spawn")
+    workers = []
+    saved_env = {k: os.environ.get(k) for k in ALLOCATOR_ENV}
+    os.environ.update(ALLOCATOR_ENV)  # spawned workers start with it
     try:
-        for v in variants:  # warm up, then size blocks so that each lasts about min_block_s
-            v.block()
-            v.calls = max(1, min(200, math.ceil(config["min_block_s"] / max(v.block(), 1e-9))))
+        for spec in _variant_specs(case, device):  # built one after another: peak memory of one table build
+            parent, child = context.Pipe()
+            process = context.Process(target=_worker, args=(child, spec, case, config, str(device)), daemon=True)
+            process.start()
+            child.close()
+            workers.append((parent, process, _answer(parent, spec), []))
         for _ in range(config["repeats"]):
-            for v in variants:
-                v.times.append(v.block())
+            for conn, _, (label, _params), times in workers:
+                conn.send("block")
+                times.append(_answer(conn, label))
     finally:
-        tt_kernel._state["module"] = saved
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        for conn, process, _, _ in workers:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+            process.join(timeout=30)
     ids = batch_ids(case["rows"], case["batch"], case["ids"], "cpu")
     distinct = int(torch.unique(ids).numel())
     rows = []
-    for v in variants:
-        seconds = statistics.median(v.times)
+    for _, _, (label, params), times in workers:
+        seconds = statistics.median(times)
         rows.append({
             "rows": case["rows"], "dim": case["dim"], "batch": case["batch"], "ids": case["ids"], "distinct_ids": distinct,
-            "device": device.type, "variant": v.label, "params": v.params, "compression": case["rows"] * case["dim"] / v.params,
+            "device": device.type, "variant": label, "params": params, "compression": case["rows"] * case["dim"] / params,
             "ms_per_batch": seconds * 1e3, "lookups_per_s": case["batch"] / seconds,
-            "spread": (max(v.times) - min(v.times)) / seconds,
+            "spread": (max(times) - min(times)) / seconds,
         })
     for reference in (REFERENCE, FUSED):
         ref = next((r for r in rows if r["variant"] == reference), None)
         for r in rows:
             r[f"vs_{'sparse_bag' if reference == REFERENCE else 'torchrec_fused'}"] = (
                 r["lookups_per_s"] / ref["lookups_per_s"] if ref else None)
-    del variants
-    gc.collect()
     return rows
+
+
+def _answer(conn, what):
+    answer = conn.recv()
+    if isinstance(answer, Exception):
+        raise RuntimeError(f"tables benchmark: variant {what!r} failed: {answer!r}") from answer
+    return answer
 
 
 def _markdown(rows: list[dict], config: dict) -> str:

@@ -71,6 +71,20 @@ def test_forward_and_core_grads_equal_the_einsum_path(fmt, cores, mode):
 
 @pytest.mark.parametrize("fmt", ["tt", "ttm"])
 @pytest.mark.parametrize("cores", [2, 3, 4])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_one_id_bags_write_rows_per_lookup(fmt, cores, mode):
+    """Bags of one id each (DLRM's features): the lookup writes every bag's row itself and sums a
+    repeated id's gradients; equal to the einsum path with its pooling, with and without a last offset."""
+    ids = torch.cat([BAGS[0], BAGS[0][:5]]) % SHAPES[cores][0]  # ids looked up up to 4 times
+    bag = _bag(fmt, cores, mode)
+    for offsets in (torch.arange(ids.numel()), torch.arange(ids.numel() + 1)):
+        bag.include_last_offset = offsets.numel() > ids.numel()
+        _assert_same(_run(bag, True, ids, offsets), _run(bag, False, ids, offsets))
+        _assert_same(_run(bag, True, ids.int(), offsets), _run(bag, False, ids, offsets))
+
+
+@pytest.mark.parametrize("fmt", ["tt", "ttm"])
+@pytest.mark.parametrize("cores", [2, 3, 4])
 def test_per_sample_weight_grads_equal_the_einsum_path(fmt, cores):
     bag = _bag(fmt, cores)
     ids, offsets = BAGS

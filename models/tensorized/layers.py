@@ -17,7 +17,7 @@ from torch import nn
 from .formats import build_tensor
 from .names import FORMATS
 from .shapes import default_order, resolve_shape
-from .pooling import pool_rows
+from .pooling import one_id_bags, pool_rows
 from .tt_lookup import distinct_ids, fused_row_factors, fused_rows
 
 FUSED_FORMATS = ("tt", "ttm")  # formats with a fused lookup (tt_lookup.py); the others use the einsum path
@@ -327,9 +327,13 @@ class FactorizedEmbeddingBag(FactorizedLayer):
         if per_sample_weights is not None and self.mode != "sum":
             raise ValueError(f"per_sample_weights: only supported with mode='sum', this bag uses {self.mode!r}")
         unique, inverse, tree = self.distinct(input)
-        rows, tail = self._pooling_factors(unique, tree)
-        pooled = pool_rows(rows, inverse, offsets, self.mode, per_sample_weights, include_last_offset)
-        return pooled if tail is None else pooled @ tail[:, : self.embedding_dim]
+        if self._fused() and per_sample_weights is None and one_id_bags(offsets, input.numel(), include_last_offset):
+            # every bag one id (DLRM's features): the lookup writes each bag's row itself, no pooling
+            pooled, tail = fused_row_factors(self.weight, unique, self.row_shape, self.table_update, tree, inverse)
+        else:
+            rows, tail = self._pooling_factors(unique, tree)
+            pooled = pool_rows(rows, inverse, offsets, self.mode, per_sample_weights, include_last_offset)
+        return pooled[:, : self.embedding_dim] if tail is None else pooled @ tail[:, : self.embedding_dim]
 
     def _pooling_factors(self, unique: torch.Tensor, tree=None):
         """(rows to pool, tail applied after pooling or None). A fused tt table's rows are

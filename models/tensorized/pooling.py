@@ -15,13 +15,17 @@ import torch
 import torch.nn.functional as F
 
 
+def one_id_bags(offsets: torch.Tensor, n_ids: int, include_last_offset: bool = False) -> bool:
+    """Whether every bag holds exactly one id (bag i = id i): sum, mean and max are the row itself."""
+    starts = offsets[:-1] if include_last_offset else offsets
+    return (starts.numel() == n_ids and (not include_last_offset or int(offsets[-1]) == n_ids)
+            and torch.equal(starts, torch.arange(n_ids, device=starts.device, dtype=starts.dtype)))
+
+
 def pool_rows(rows, inverse, offsets, mode: str, per_sample_weights=None, include_last_offset: bool = False):
     """F.embedding_bag(inverse, rows, offsets, mode, per_sample_weights, include_last_offset)."""
-    starts = offsets[:-1] if include_last_offset else offsets
-    one_id_bags = (mode != "max" and starts.numel() == inverse.numel()
-                   and (not include_last_offset or int(offsets[-1]) == inverse.numel())
-                   and torch.equal(starts, torch.arange(inverse.numel(), device=starts.device, dtype=starts.dtype)))
-    if not one_id_bags or (per_sample_weights is not None and per_sample_weights.requires_grad):
+    one_id = mode != "max" and one_id_bags(offsets, inverse.numel(), include_last_offset)
+    if not one_id or (per_sample_weights is not None and per_sample_weights.requires_grad):
         return F.embedding_bag(inverse, rows, offsets, mode=mode, per_sample_weights=per_sample_weights,
                                include_last_offset=include_last_offset)
     return _OneIdBags.apply(rows, inverse, per_sample_weights)

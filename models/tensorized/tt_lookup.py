@@ -41,6 +41,16 @@ class PrefixTree:
     digits: list[torch.Tensor]  # per level: digit of each node, (P_k,)
     parents: list[torch.Tensor]  # per level k >= 1: index of each node's parent in level k-1
     sizes: list[int]  # P_k
+    # the batch's lookups grouped by distinct id: id u at positions order[bounds[u]:bounds[u+1]]
+    order: torch.Tensor | None = None
+    bounds: torch.Tensor | None = None
+
+    def group_lookups(self, inverse: torch.Tensor) -> None:
+        """order/bounds from torch.unique's inverse, where the kernel's prefix_tree did not give them."""
+        if self.order is None:
+            self.order = torch.argsort(inverse, stable=True)
+            counts = torch.bincount(inverse, minlength=self.sizes[-1])
+            self.bounds = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
     @classmethod
     def of(cls, ids: torch.Tensor, row_shape) -> "PrefixTree":
@@ -67,9 +77,10 @@ def distinct_ids(ids: torch.Tensor, row_shape) -> tuple[torch.Tensor, torch.Tens
         unique, inverse = torch.unique(ids, return_inverse=True)
         return unique, inverse, None
     levels = len(row_shape)
-    unique, inverse, *rest = module.prefix_tree(ids, [int(n) for n in row_shape])
+    unique, inverse, order, bounds, *rest = module.prefix_tree(ids, [int(n) for n in row_shape])
     digits, parents = rest[:levels], rest[levels:]
-    tree = PrefixTree(digits, [torch.empty(0, dtype=torch.long)] + parents[1:], [int(d.numel()) for d in digits])
+    tree = PrefixTree(digits, [torch.empty(0, dtype=torch.long)] + parents[1:], [int(d.numel()) for d in digits],
+                      order, bounds)
     return unique.to(ids.dtype), inverse, tree
 
 
@@ -83,16 +94,29 @@ def _core_blocks(core: torch.Tensor, tt_row: bool) -> torch.Tensor:
 
 class _FusedLookup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tree, shapes, update, tt_rows, *cores):
+    def forward(ctx, tree, shapes, update, tt_rows, inverse, *cores):
         """Rows of the distinct ids in `tree` over the row cores: ttm (U, D); tt (U, r_L), the rows
-        before the tail. shapes: per level (r_{k-1}, d_k, r_k)."""
+        before the tail. shapes: per level (r_{k-1}, d_k, r_k). With `inverse` (each lookup's
+        distinct id) one row per lookup instead, (len(inverse), ...): the kernel writes them
+        directly and reads their gradients back, no distinct-row intermediate either way."""
         blocks = [_core_blocks(c, tt_rows) for c in cores]
         compiled = tt_kernel.usable(blocks[0])
-        nodes = _forward_kernel(tree, blocks) if compiled else _forward_torch(tree, blocks, shapes)
-        ctx.tree, ctx.update, ctx.compiled = tree, update, compiled
+        per_lookup = inverse is not None
+        if compiled:
+            if per_lookup:
+                tree.group_lookups(inverse)
+            lookups = (tree.order, tree.bounds) if per_lookup else (None, None)
+            nodes = tt_kernel.kernel().forward(blocks, tree.digits, _parents(tree), *lookups)
+            out = nodes[-1]
+        else:
+            nodes = _forward_torch(tree, blocks, shapes)
+            out = nodes[-1].reshape(tree.sizes[-1], -1)
+            if per_lookup:
+                out = out.index_select(0, inverse)
+        ctx.tree, ctx.update, ctx.compiled, ctx.inverse = tree, update, compiled, inverse
         ctx.core_shapes, ctx.n_nodes = [c.shape for c in cores], len(nodes)
         ctx.save_for_backward(*nodes, *blocks)
-        return nodes[-1].reshape(tree.sizes[-1], -1)
+        return out.reshape(out.shape[0], -1)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -101,12 +125,15 @@ class _FusedLookup(torch.autograd.Function):
         nodes, blocks = saved[: ctx.n_nodes], saved[ctx.n_nodes : ctx.n_nodes + levels]
         g = grad_out.contiguous()
         if ctx.compiled:
-            block_grads = tt_kernel.kernel().backward(g.reshape(tree.sizes[-1], -1), nodes, blocks, tree.digits, _parents(tree))
+            lookups = (tree.order, tree.bounds) if ctx.inverse is not None else (None, None)
+            block_grads = tt_kernel.kernel().backward(g, nodes, blocks, tree.digits, _parents(tree), *lookups)
         else:
+            if ctx.inverse is not None:  # per-lookup rows: sum each distinct id's lookups
+                g = g.new_zeros(tree.sizes[-1], g.shape[1]).index_add_(0, ctx.inverse, g)
             block_grads = _backward_torch(tree, nodes, blocks, g)
         grads = []
         for k, gblock in enumerate(block_grads):
-            if not ctx.needs_input_grad[4 + k]:
+            if not ctx.needs_input_grad[5 + k]:
                 grads.append(None)
                 continue
             shape = ctx.core_shapes[k]
@@ -116,7 +143,7 @@ class _FusedLookup(torch.autograd.Function):
                 grads.append(None)
             else:
                 grads.append(gblock.reshape(shape[1], *_slice_shape(shape)).movedim(0, 1))
-        return (None, None, None, None, *grads)
+        return (None, None, None, None, None, *grads)
 
 
 def _slice_shape(core_shape) -> tuple:
@@ -126,11 +153,6 @@ def _slice_shape(core_shape) -> tuple:
 
 def _parents(tree) -> list[torch.Tensor]:
     return [tree.digits[0] if k == 0 else p for k, p in enumerate(tree.parents)]  # level 0: unused
-
-
-def _forward_kernel(tree, blocks):
-    """Node values of every level (P_k, Dprev_k * W_k), from the compiled kernel."""
-    return list(tt_kernel.kernel().forward(blocks, tree.digits, _parents(tree)))
 
 
 def _forward_torch(tree, blocks, shapes):
@@ -168,17 +190,20 @@ def tail_matrix(col_cores: list[torch.Tensor]) -> torch.Tensor:
     return t.reshape(r_l, -1)
 
 
-def fused_rows(tensor, ids: torch.Tensor, row_shape, update=None, tree: PrefixTree | None = None) -> torch.Tensor:
+def fused_rows(tensor, ids: torch.Tensor, row_shape, update=None, tree: PrefixTree | None = None,
+               inverse: torch.Tensor | None = None) -> torch.Tensor:
     """Rows (len(ids), prod(col modes)) of a `tt`/`ttm` tensor for distinct sorted `ids`.
 
     `update(level, touched_digits, grad_slices)`: the fused table optimizer (plain cores only);
-    `tree`: the ids' prefix tree when `distinct_ids` built it already.
+    `tree`: the ids' prefix tree when `distinct_ids` built it already; `inverse`: return one row
+    per lookup, `rows[inverse]` (bags of one id need no pooling then).
     """
-    rows, tail = fused_row_factors(tensor, ids, row_shape, update, tree)
+    rows, tail = fused_row_factors(tensor, ids, row_shape, update, tree, inverse)
     return rows if tail is None else rows @ tail
 
 
-def fused_row_factors(tensor, ids: torch.Tensor, row_shape, update=None, tree: PrefixTree | None = None):
+def fused_row_factors(tensor, ids: torch.Tensor, row_shape, update=None, tree: PrefixTree | None = None,
+                      inverse: torch.Tensor | None = None):
     """(rows, tail): the rows of `ids` are `rows @ tail` for a tt tensor (rows (U, r_L) from the
     row cores, tail (r_L, D) from the column cores), `rows` itself (tail None) for ttm. Linear
     pooling may sum the r_L-wide rows first and apply the tail once per bag."""
@@ -194,7 +219,9 @@ def fused_row_factors(tensor, ids: torch.Tensor, row_shape, update=None, tree: P
     if ids.numel() == 0:
         width = shapes[-1][2] if tail is not None else math.prod(s[1] for s in shapes)
         return (row_cores[0].sum() * 0).expand(0, width), tail  # keeps the graph: backward gives zeros
-    return _FusedLookup.apply(tree, shapes, update if plain else None, tail is not None, *row_cores), tail
+    if levels < 2 and inverse is not None:  # one level: rows per distinct id, then the gather
+        return _FusedLookup.apply(tree, shapes, update if plain else None, tail is not None, None, *row_cores)[inverse], tail
+    return _FusedLookup.apply(tree, shapes, update if plain else None, tail is not None, inverse, *row_cores), tail
 
 
 def lookup_cores(tensor) -> tuple[list[torch.Tensor], bool]:

@@ -13,14 +13,13 @@
 #include <omp.h>
 #endif
 #include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <mutex>
 #include <vector>
 
 namespace {
 
-// out[i * ldo + c] (+)= sum_k s[i * si + k * sk] * M[k * ld + c] for i < rows, c < cols: every product
-// of the lookup is one of these (A @ B, A^T @ G, G @ B^T). Tiles of R rows x C columns keep their
-// accumulators in vector registers across the k loop, and each row of M loaded there serves all R
-// rows of the tile (one load per R fused multiply-adds, not one per FMA).
 template <typename T, int C>
 struct Vec {  // C contiguous values as one GCC vector (one or more registers); unaligned load/store
   typedef T type __attribute__((vector_size(sizeof(T) * C)));
@@ -32,61 +31,83 @@ struct Vec {  // C contiguous values as one GCC vector (one or more registers); 
   static inline void store(T* p, const type& v) { __builtin_memcpy(p, &v, sizeof(type)); }
 };
 
-template <typename T, int R, int C, bool Acc>
-inline void tile(T* __restrict__ out, int64_t ldo, const T* __restrict__ s, int64_t si, int64_t sk,
-                 const T* __restrict__ M, int64_t ld, int64_t K) {
-  // Accumulators are vector values, at most one 512-bit register wide (arrays of scalars were
-  // spilled to the stack by GCC for one-row tiles: every FMA then waited on a store-to-load round
-  // trip). S independent sets over k (k mod S), summed at the end, keep enough FMAs in flight
-  // when the tile has few vectors.
-  constexpr int W = C < 64 / int(sizeof(T)) ? C : 64 / int(sizeof(T));  // values per vector
-  constexpr int NV = C / W;  // vectors per row
+// The accumulators of an R x C tile as vector values at most one 512-bit register wide (arrays of
+// scalars were spilled to the stack by GCC for one-row tiles: every FMA then waited on a
+// store-to-load round trip), in S independent sets that `store` sums: a tile of few vectors
+// alternates sets so that enough FMAs are in flight instead of each waiting on the last.
+template <typename T, int R, int C, int S>
+struct Tile {
+  static constexpr int W = C < 64 / int(sizeof(T)) ? C : 64 / int(sizeof(T));  // values per vector
+  static constexpr int NV = C / W;                                                 // vectors per row
   using V = Vec<T, W>;
   using vec = typename V::type;
-  constexpr int units = R * NV * ((W * int(sizeof(T)) + 31) / 32);  // 256-bit vectors per set
-  constexpr int S = units >= 8 ? 1 : units >= 4 ? 2 : 4;
   vec acc[S][R][NV];
+
+  inline void zero() {
 #pragma GCC unroll 4
-  for (int q = 0; q < S; ++q)
+    for (int q = 0; q < S; ++q)
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[q][i][v] = vec{};
+  }
+  inline void load(const T* out, int64_t ldo) {
+    zero();
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i)
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[q][i][v] = (Acc && q == 0) ? V::load(out + i * ldo + v * W) : vec{};
-  int64_t k = 0;
-  for (; k + S <= K; k += S) {
-#pragma GCC unroll 4
-    for (int q = 0; q < S; ++q) {
-      vec m[NV];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) m[v] = V::load(M + (k + q) * ld + v * W);
-#pragma GCC unroll 8
-      for (int i = 0; i < R; ++i) {
-        const T sv = s[i * si + (k + q) * sk];
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[q][i][v] += sv * m[v];
-      }
-    }
+      for (int v = 0; v < NV; ++v) acc[0][i][v] = V::load(out + i * ldo + v * W);
   }
-  for (; k < K; ++k) {
-    vec m[NV];
+  // set q, row i += s[i * si] * m[0 .. C)
+  inline void fma(int q, const T* s, int64_t si, const T* m) {
+    vec mv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) m[v] = V::load(M + k * ld + v * W);
+    for (int v = 0; v < NV; ++v) mv[v] = V::load(m + v * W);
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
-      const T sv = s[i * si + k * sk];
+      const T sv = s[i * si];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[0][i][v] += sv * m[v];
+      for (int v = 0; v < NV; ++v) acc[q][i][v] += sv * mv[v];
     }
   }
+  inline void store(T* out, int64_t ldo) const {
 #pragma GCC unroll 8
-  for (int i = 0; i < R; ++i)
+    for (int i = 0; i < R; ++i)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      vec x = acc[0][i][v];
+      for (int v = 0; v < NV; ++v) {
+        vec x = acc[0][i][v];
 #pragma GCC unroll 4
-      for (int q = 1; q < S; ++q) x += acc[q][i][v];
-      V::store(out + i * ldo + v * W, x);
-    }
+        for (int q = 1; q < S; ++q) x += acc[q][i][v];
+        V::store(out + i * ldo + v * W, x);
+      }
+  }
+};
+
+// Independent accumulator sets for an R x C tile: 8 vectors of 256 bits in flight feed two FMA units.
+template <typename T, int R, int C, int Most>
+constexpr int sets() {
+  constexpr int w = C < 64 / int(sizeof(T)) ? C : 64 / int(sizeof(T));
+  constexpr int units = R * (C / w) * ((w * int(sizeof(T)) + 31) / 32);
+  return units >= 8 ? 1 : units >= 4 ? (Most < 2 ? Most : 2) : Most;
+}
+
+// out[i * ldo + c] (+)= sum_k s[i * si + k * sk] * M[k * ld + c] for i < rows, c < cols: every product
+// of the lookup is one of these (A @ B, A^T @ G, G @ B^T). Tiles of R rows x C columns keep their
+// accumulators in vector registers across the k loop, and each row of M loaded there serves all R
+// rows of the tile (one load per R fused multiply-adds, not one per FMA).
+template <typename T, int R, int C, bool Acc>
+inline void tile(T* __restrict__ out, int64_t ldo, const T* __restrict__ s, int64_t si, int64_t sk,
+                 const T* __restrict__ M, int64_t ld, int64_t K) {
+  constexpr int S = sets<T, R, C, 4>();  // sets alternate over k
+  Tile<T, R, C, S> t;
+  if (Acc) t.load(out, ldo);
+  else t.zero();
+  int64_t k = 0;
+  for (; k + S <= K; k += S)
+#pragma GCC unroll 4
+    for (int q = 0; q < S; ++q) t.fma(q, s + (k + q) * sk, si, M + (k + q) * ld);
+  for (; k < K; ++k) t.fma(0, s + k * sk, si, M + k * ld);
+  t.store(out, ldo);
 }
 
 template <typename T, int R, bool Acc>
@@ -129,9 +150,68 @@ std::vector<int64_t> child_ranges(const int64_t* parents, int64_t n, int64_t n_p
   return start;
 }
 
+// Buffers of the node values and gradients, kept for reuse instead of handed back to the system:
+// glibc returns a freed multi-MB block to the kernel when the heap top grows past its trim
+// threshold, and a 10^6 x 128 ttm step (5.7 + 4.2 + 5.7 MB of such blocks) then page-faulted
+// ~750 times per step (about 2 ms of a 9 ms step in this VM). Free blocks are kept up to 1 GiB.
+class BufferPool {
+ public:
+  void* get(size_t& bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = free_.lower_bound(bytes);
+      if (it != free_.end() && it->first <= 2 * bytes) {
+        bytes = it->first, held_ -= it->first;
+        void* p = it->second;
+        free_.erase(it);
+        return p;
+      }
+    }
+    bytes = (bytes + 4095) / 4096 * 4096;
+    void* p = std::aligned_alloc(64, bytes);
+    TORCH_CHECK(p, "tt_lookup: out of memory");
+    return p;
+  }
+  void put(void* p, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (held_ + bytes > (size_t(1) << 30)) {
+      std::free(p);
+      return;
+    }
+    free_.emplace(bytes, p), held_ += bytes;
+  }
+
+ private:
+  std::mutex mu_;
+  std::multimap<size_t, void*> free_;
+  size_t held_ = 0;
+};
+
+BufferPool& pool() {
+  static auto* p = new BufferPool();  // never destroyed: tensors may outlive static destruction
+  return *p;
+}
+
+// torch::empty from the pool: the block goes back to it when the tensor's storage is freed
+torch::Tensor pooled_empty(at::IntArrayRef sizes, const torch::TensorOptions& options) {
+  int64_t numel = 1;
+  for (auto n : sizes) numel *= n;
+  size_t bytes = std::max<size_t>(1, size_t(numel) * options.dtype().itemsize());
+  void* p = pool().get(bytes);
+  return torch::from_blob(p, sizes, [bytes](void* q) { pool().put(q, bytes); }, options);
+}
+
+// Rows of one batch's lookups: distinct id u is looked up at positions order[bounds[u] .. bounds[u+1]).
+struct Lookups {
+  const int64_t* order = nullptr;
+  const int64_t* bounds = nullptr;
+  int64_t count = 0;
+};
+
 template <typename scalar_t>
 void forward_level(const torch::Tensor& prev, const torch::Tensor& block, const torch::Tensor& digits,
-                   const torch::Tensor& parents, torch::Tensor& out, int64_t D, int64_t r, int64_t W) {
+                   const torch::Tensor& parents, torch::Tensor& out, int64_t D, int64_t r, int64_t W,
+                   const Lookups& lookups) {
   const scalar_t* x = prev.data_ptr<scalar_t>();
   const scalar_t* b = block.data_ptr<scalar_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
@@ -140,7 +220,18 @@ void forward_level(const torch::Tensor& prev, const torch::Tensor& block, const 
   const int64_t P = digits.numel(), sx = prev.size(1), sb = r * W, so = D * W;
   const int threads = at::get_num_threads();  // torch.set_num_threads, whatever OpenMP runtime is loaded
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t p = 0; p < P; ++p) mm(x + pa[p] * sx, b + dg[p] * sb, o + p * so, D, r, W);
+  for (int64_t p = 0; p < P; ++p) {
+    if (!lookups.order) {
+      mm(x + pa[p] * sx, b + dg[p] * sb, o + p * so, D, r, W);
+      continue;
+    }
+    // the leaf level writes each distinct row straight to its lookups' rows: no (distinct x D)
+    // intermediate and no gather after it
+    scalar_t* first = o + lookups.order[lookups.bounds[p]] * so;
+    mm(x + pa[p] * sx, b + dg[p] * sb, first, D, r, W);
+    for (int64_t j = lookups.bounds[p] + 1; j < lookups.bounds[p + 1]; ++j)
+      std::copy(first, first + so, o + lookups.order[j] * so);
+  }
 }
 
 // Block gradient of one digit, transposed: gbt (W x r) = sum over its nodes p of G[p]^T (W x D) @ X[parent p] (D x r).
@@ -150,86 +241,87 @@ void forward_level(const torch::Tensor& prev, const torch::Tensor& block, const 
 // store its accumulators for every node.
 template <typename T, int R, int C>
 inline void tile_block_grad(T* __restrict__ gbt, int64_t ldo, const int64_t* nodes, int64_t n, const T* __restrict__ x,
-                            const int64_t* pa, int64_t sx, const T* __restrict__ g, int64_t sg, int64_t D, int64_t r,
+                            const int64_t* pa, int64_t sx, const T* const* grow, int64_t goff, int64_t D, int64_t r,
                             int64_t W) {
-  constexpr int Wv = C < 64 / int(sizeof(T)) ? C : 64 / int(sizeof(T));
-  constexpr int NV = C / Wv;
-  using V = Vec<T, Wv>;
-  using vec = typename V::type;
-  constexpr int units = R * NV * ((Wv * int(sizeof(T)) + 31) / 32);
-  constexpr int S = units >= 8 ? 1 : 2;  // sets alternate over nodes
-  vec acc[S][R][NV];
-#pragma GCC unroll 4
-  for (int q = 0; q < S; ++q)
-#pragma GCC unroll 8
-    for (int i = 0; i < R; ++i)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[q][i][v] = vec{};
+  constexpr int S = sets<T, R, C, 2>();  // sets alternate over nodes
+  Tile<T, R, C, S> t;
+  t.zero();
   for (int64_t j = 0; j < n; ++j) {
     const int64_t p = nodes[j];
     const T* xa = x + pa[p] * sx;  // X[parent] (D x r): this tile's columns
-    const T* gp = g + p * sg;      // G[p] (D x W): this tile's rows are its columns
+    const T* gp = grow[p] + goff;  // G[p] (D x W): this tile's rows are its columns
     const int q = S == 1 ? 0 : int(j & 1);
-    for (int64_t d = 0; d < D; ++d) {
-      vec m[NV];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) m[v] = V::load(xa + d * r + v * Wv);
-#pragma GCC unroll 8
-      for (int i = 0; i < R; ++i) {
-        const T sv = gp[d * W + i];
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[q][i][v] += sv * m[v];
-      }
-    }
+    for (int64_t d = 0; d < D; ++d) t.fma(q, gp + d * W, 1, xa + d * r);
   }
-#pragma GCC unroll 8
-  for (int i = 0; i < R; ++i)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      vec y = acc[0][i][v];
-      if (S > 1) y += acc[S - 1][i][v];
-      V::store(gbt + i * ldo + v * Wv, y);
-    }
+  t.store(gbt, ldo);
 }
 
 template <typename T, int R>
 inline void block_grad_rows(T* gbt, const int64_t* nodes, int64_t n, const T* x, const int64_t* pa, int64_t sx,
-                            const T* g, int64_t sg, int64_t D, int64_t r, int64_t W) {
+                            const T* const* grow, int64_t goff, int64_t D, int64_t r, int64_t W) {
   constexpr int V = 64 / sizeof(T);
   int64_t c = 0;
-  for (; c + 2 * V <= r; c += 2 * V) tile_block_grad<T, R, 2 * V>(gbt + c, r, nodes, n, x + c, pa, sx, g, sg, D, r, W);
-  for (; c + V <= r; c += V) tile_block_grad<T, R, V>(gbt + c, r, nodes, n, x + c, pa, sx, g, sg, D, r, W);
-  for (; c + V / 2 <= r; c += V / 2) tile_block_grad<T, R, V / 2>(gbt + c, r, nodes, n, x + c, pa, sx, g, sg, D, r, W);
-  for (; c + V / 4 <= r; c += V / 4) tile_block_grad<T, R, V / 4>(gbt + c, r, nodes, n, x + c, pa, sx, g, sg, D, r, W);
-  for (; c < r; ++c) tile_block_grad<T, R, 1>(gbt + c, r, nodes, n, x + c, pa, sx, g, sg, D, r, W);
+  for (; c + 2 * V <= r; c += 2 * V) tile_block_grad<T, R, 2 * V>(gbt + c, r, nodes, n, x + c, pa, sx, grow, goff, D, r, W);
+  for (; c + V <= r; c += V) tile_block_grad<T, R, V>(gbt + c, r, nodes, n, x + c, pa, sx, grow, goff, D, r, W);
+  for (; c + V / 2 <= r; c += V / 2) tile_block_grad<T, R, V / 2>(gbt + c, r, nodes, n, x + c, pa, sx, grow, goff, D, r, W);
+  for (; c + V / 4 <= r; c += V / 4) tile_block_grad<T, R, V / 4>(gbt + c, r, nodes, n, x + c, pa, sx, grow, goff, D, r, W);
+  for (; c < r; ++c) tile_block_grad<T, R, 1>(gbt + c, r, nodes, n, x + c, pa, sx, grow, goff, D, r, W);
 }
 
 // gb (r x W) of one digit from its nodes (see tile_block_grad)
 template <typename T>
-void block_grad(T* gb, const int64_t* nodes, int64_t n, const T* x, const int64_t* pa, int64_t sx, const T* g,
-                int64_t sg, int64_t D, int64_t r, int64_t W, std::vector<T>& gbt) {
+void block_grad(T* gb, const int64_t* nodes, int64_t n, const T* x, const int64_t* pa, int64_t sx,
+                const T* const* grow, int64_t D, int64_t r, int64_t W, std::vector<T>& gbt) {
   gbt.resize(W * r);
   int64_t i = 0;
-  for (; i + 8 <= W; i += 8) block_grad_rows<T, 8>(gbt.data() + i * r, nodes, n, x, pa, sx, g + i, sg, D, r, W);
-  for (; i + 4 <= W; i += 4) block_grad_rows<T, 4>(gbt.data() + i * r, nodes, n, x, pa, sx, g + i, sg, D, r, W);
-  for (; i < W; ++i) block_grad_rows<T, 1>(gbt.data() + i * r, nodes, n, x, pa, sx, g + i, sg, D, r, W);
+  for (; i + 8 <= W; i += 8) block_grad_rows<T, 8>(gbt.data() + i * r, nodes, n, x, pa, sx, grow, i, D, r, W);
+  for (; i + 4 <= W; i += 4) block_grad_rows<T, 4>(gbt.data() + i * r, nodes, n, x, pa, sx, grow, i, D, r, W);
+  for (; i < W; ++i) block_grad_rows<T, 1>(gbt.data() + i * r, nodes, n, x, pa, sx, grow, i, D, r, W);
   for (int64_t a = 0; a < r; ++a)
     for (int64_t w = 0; w < W; ++w) gb[a * W + w] = gbt[w * r + a];
 }
 
+// Each node's output-gradient row: g's own rows, or at the leaf level with lookups the rows of the
+// node's lookups in grad_out (one id looked up once: that row itself; several times: their sum).
+template <typename T>
+std::vector<const T*> gradient_rows(const T* g, int64_t P, int64_t width, const Lookups& lookups, std::vector<T>& sums) {
+  std::vector<const T*> rows(P);
+  if (!lookups.order) {
+    for (int64_t p = 0; p < P; ++p) rows[p] = g + p * width;
+    return rows;
+  }
+  int64_t repeated = 0;
+  for (int64_t p = 0; p < P; ++p) repeated += lookups.bounds[p + 1] - lookups.bounds[p] > 1;
+  sums.assign(repeated * width, T(0));
+  T* sum = sums.data();
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t lo = lookups.bounds[p], hi = lookups.bounds[p + 1];
+    if (hi - lo == 1) {
+      rows[p] = g + lookups.order[lo] * width;
+      continue;
+    }
+    for (int64_t j = lo; j < hi; ++j) {
+      const T* row = g + lookups.order[j] * width;
+      for (int64_t c = 0; c < width; ++c) sum[c] += row[c];
+    }
+    rows[p] = sum;
+    sum += width;
+  }
+  return rows;
+}
+
 template <typename scalar_t>
 void backward_level(const torch::Tensor& prev, const torch::Tensor& block, const torch::Tensor& digits,
-                    const torch::Tensor& parents, const torch::Tensor& g, torch::Tensor& gprev,
+                    const torch::Tensor& parents, const scalar_t* const* grow, torch::Tensor& gprev,
                     torch::Tensor& gblock, int64_t D, int64_t r, int64_t W) {
   const scalar_t* x = prev.data_ptr<scalar_t>();
   const auto block_t = block.transpose(1, 2).contiguous();  // (n, W, r)
   const scalar_t* b = block_t.data_ptr<scalar_t>();
-  const scalar_t* gx = g.data_ptr<scalar_t>();
   scalar_t* ga = gprev.data_ptr<scalar_t>();
   scalar_t* gb = gblock.data_ptr<scalar_t>();
   const int64_t* dg = digits.data_ptr<int64_t>();
   const int64_t* pa = parents.data_ptr<int64_t>();
-  const int64_t P = digits.numel(), Pp = prev.size(0), n = block.size(0), sx = prev.size(1), sb = r * W, sg = D * W;
+  const int64_t P = digits.numel(), Pp = prev.size(0), n = block.size(0), sx = prev.size(1), sb = r * W;
   const auto start = child_ranges(pa, P, Pp);
   // nodes grouped by digit (a counting sort): each block's gradient is then one thread's, no buffers
   std::vector<int64_t> first(n + 1, 0), by_digit(P);
@@ -247,15 +339,15 @@ void backward_level(const torch::Tensor& prev, const torch::Tensor& block, const
     for (int64_t q = 0; q < Pp; ++q) {  // parents' gradients: the first child writes, the others add
       if (start[q] == start[q + 1]) std::fill(ga + q * sx, ga + (q + 1) * sx, scalar_t(0));  // no child
       for (int64_t p = start[q]; p < start[q + 1]; ++p) {
-        if (p == start[q]) grad_a<scalar_t, false>(gx + p * sg, b + dg[p] * sb, ga + q * sx, D, r, W);
-        else grad_a<scalar_t, true>(gx + p * sg, b + dg[p] * sb, ga + q * sx, D, r, W);
+        if (p == start[q]) grad_a<scalar_t, false>(grow[p], b + dg[p] * sb, ga + q * sx, D, r, W);
+        else grad_a<scalar_t, true>(grow[p], b + dg[p] * sb, ga + q * sx, D, r, W);
       }
     }
 #pragma omp for schedule(dynamic, 4)
     for (int64_t j = 0; j < n; ++j) {
       const int64_t m = first[j + 1] - first[j];
       if (m == 0) std::fill(gb + j * sb, gb + (j + 1) * sb, scalar_t(0));
-      else block_grad(gb + j * sb, by_digit.data() + first[j], m, x, pa, sx, gx, sg, D, r, W, gbt);
+      else block_grad(gb + j * sb, by_digit.data() + first[j], m, x, pa, sx, grow, D, r, W, gbt);
     }
   }
 }
@@ -274,19 +366,35 @@ void check(const std::vector<torch::Tensor>& blocks, const std::vector<torch::Te
 
 }  // namespace
 
-// Node values of every level: X_k (P_k, Dprev_k * W_k); the last one is the lookup's output.
+Lookups lookups_of(const c10::optional<torch::Tensor>& order, const c10::optional<torch::Tensor>& bounds) {
+  Lookups l;
+  if (order.has_value()) {
+    TORCH_CHECK(bounds.has_value() && order->scalar_type() == torch::kLong && bounds->scalar_type() == torch::kLong &&
+                order->is_contiguous() && bounds->is_contiguous(), "tt_lookup: int64 order and bounds together");
+    l.order = order->data_ptr<int64_t>(), l.bounds = bounds->data_ptr<int64_t>(), l.count = order->numel();
+  }
+  return l;
+}
+
+// Node values of every level: X_k (P_k, Dprev_k * W_k); the last one is the lookup's output, one row
+// per distinct id, or with `order`/`bounds` (prefix_tree's) one row per lookup in the batch's order.
 std::vector<torch::Tensor> forward(std::vector<torch::Tensor> blocks, std::vector<torch::Tensor> digits,
-                                   std::vector<torch::Tensor> parents) {
+                                   std::vector<torch::Tensor> parents, c10::optional<torch::Tensor> order,
+                                   c10::optional<torch::Tensor> bounds) {
   check(blocks, digits, parents);
+  const Lookups lookups = lookups_of(order, bounds), none;
+  const size_t L = blocks.size();
   std::vector<torch::Tensor> xs;
   xs.push_back(blocks[0].index_select(0, digits[0]).reshape({digits[0].numel(), -1}));
-  for (size_t k = 1; k < blocks.size(); ++k) {
+  TORCH_CHECK(L >= 2 || !lookups.order, "tt_lookup: rows per lookup need two or more levels");
+  for (size_t k = 1; k < L; ++k) {
     const auto& prev = xs.back();
+    const bool leaf = k == L - 1 && lookups.order;
     const int64_t P = digits[k].numel(), r = blocks[k].size(1), W = blocks[k].size(2);
     const int64_t D = prev.size(1) / r;
-    auto out = torch::empty({P, D * W}, blocks[k].options());
+    auto out = pooled_empty({leaf ? lookups.count : P, D * W}, blocks[k].options());
     AT_DISPATCH_FLOATING_TYPES(blocks[k].scalar_type(), "tt_forward", [&] {
-      forward_level<scalar_t>(prev, blocks[k], digits[k], parents[k], out, D, r, W);
+      forward_level<scalar_t>(prev, blocks[k], digits[k], parents[k], out, D, r, W, leaf ? lookups : none);
     });
     xs.push_back(out);
   }
@@ -296,19 +404,23 @@ std::vector<torch::Tensor> forward(std::vector<torch::Tensor> blocks, std::vecto
 // Gradients of every block (n_k, r_{k-1}, W_k), given the output gradient and forward's node values.
 std::vector<torch::Tensor> backward(torch::Tensor grad_out, std::vector<torch::Tensor> xs,
                                     std::vector<torch::Tensor> blocks, std::vector<torch::Tensor> digits,
-                                    std::vector<torch::Tensor> parents) {
+                                    std::vector<torch::Tensor> parents, c10::optional<torch::Tensor> order,
+                                    c10::optional<torch::Tensor> bounds) {
   check(blocks, digits, parents);
+  const Lookups lookups = lookups_of(order, bounds), none;
   const size_t L = blocks.size();
   std::vector<torch::Tensor> grads(L);
   auto g = grad_out.contiguous();
   for (size_t k = L - 1; k >= 1; --k) {
     const auto& prev = xs[k - 1];
-    const int64_t P = digits[k].numel(), Pp = prev.size(0), r = blocks[k].size(1), W = blocks[k].size(2);
+    const int64_t P = digits[k].numel(), r = blocks[k].size(1), W = blocks[k].size(2);
     const int64_t D = prev.size(1) / r;
-    auto gprev = torch::empty_like(prev);  // written by each parent's first child (backward_level)
+    auto gprev = pooled_empty(prev.sizes(), prev.options());  // written by each parent's first child (backward_level)
     auto gblock = torch::empty_like(blocks[k]);  // every digit's block written by backward_level
     AT_DISPATCH_FLOATING_TYPES(blocks[k].scalar_type(), "tt_backward", [&] {
-      backward_level<scalar_t>(prev, blocks[k], digits[k], parents[k], g, gprev, gblock, D, r, W);
+      std::vector<scalar_t> sums;
+      const auto rows = gradient_rows<scalar_t>(g.data_ptr<scalar_t>(), P, D * W, k == L - 1 ? lookups : none, sums);
+      backward_level<scalar_t>(prev, blocks[k], digits[k], parents[k], rows.data(), gprev, gblock, D, r, W);
     });
     grads[k] = gblock;
     g = gprev;
@@ -347,9 +459,10 @@ static void sort_pairs(std::vector<int64_t>& key, std::vector<int64_t>& pos, int
   }
 }
 
-// The batch's distinct ids (sorted), each lookup's index among them, and the prefix tree over the
-// ids' row digits (per level: digit and parent of each node): what torch.unique(return_inverse) and
-// tt_lookup.PrefixTree.of compute, in one pass after a radix sort.
+// The batch's distinct ids (sorted), each lookup's index among them, the lookups grouped by id
+// (order, bounds: see Lookups), and the prefix tree over the ids' row digits (per level: digit and
+// parent of each node): what torch.unique(return_inverse) and tt_lookup.PrefixTree.of compute, in
+// one pass after a radix sort.
 std::vector<torch::Tensor> prefix_tree(torch::Tensor ids, std::vector<int64_t> row_shape) {
   TORCH_CHECK(!ids.is_cuda() && ids.dim() == 1, "tt_lookup: 1-D CPU ids");
   TORCH_CHECK(!row_shape.empty(), "tt_lookup: row shape");
@@ -369,9 +482,10 @@ std::vector<torch::Tensor> prefix_tree(torch::Tensor ids, std::vector<int64_t> r
   int64_t* inv = inverse.data_ptr<int64_t>();
   std::vector<int64_t> unique;
   std::vector<std::vector<int64_t>> digits(L), parents(L);
-  std::vector<int64_t> last(L, -1);
+  std::vector<int64_t> last(L, -1), bounds;
   for (int64_t i = 0; i < n; ++i) {
     if (unique.empty() || key[i] != unique.back()) {
+      bounds.push_back(i);
       unique.push_back(key[i]);
       int64_t k = 0;
       while (k < L && key[i] / stride[k] == last[k]) ++k;  // shared prefix with the previous id
@@ -388,14 +502,17 @@ std::vector<torch::Tensor> prefix_tree(torch::Tensor ids, std::vector<int64_t> r
     std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());
     return t;
   };
-  std::vector<torch::Tensor> out{tensor(unique), inverse};
+  bounds.push_back(n);
+  std::vector<torch::Tensor> out{tensor(unique), inverse, tensor(pos), tensor(bounds)};
   for (int64_t k = 0; k < L; ++k) out.push_back(tensor(digits[k]));
   for (int64_t k = 0; k < L; ++k) out.push_back(tensor(parents[k]));
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "fused TT lookup forward: node values per prefix-tree level");
-  m.def("backward", &backward, "fused TT lookup backward: per-block gradients");
+  m.def("forward", &forward, "fused TT lookup forward: node values per prefix-tree level",
+        py::arg("blocks"), py::arg("digits"), py::arg("parents"), py::arg("order") = py::none(), py::arg("bounds") = py::none());
+  m.def("backward", &backward, "fused TT lookup backward: per-block gradients", py::arg("grad_out"), py::arg("xs"),
+        py::arg("blocks"), py::arg("digits"), py::arg("parents"), py::arg("order") = py::none(), py::arg("bounds") = py::none());
   m.def("prefix_tree", &prefix_tree, "distinct ids, inverse, and the prefix tree of their row digits");
 }
