@@ -64,13 +64,14 @@ class Reference:
             p.grad = None
 
 
-def _batches(n, steps=3):
+def _batches(n, steps=4):
+    """Bags of several ids and, every other step, bags of one id each (the per-lookup fused path)."""
     g = torch.Generator().manual_seed(1)
     out = []
-    for _ in range(steps):
+    for step in range(steps):
         ids = torch.randint(0, n, (30,), generator=g)
         ids[:10] = ids[10:20]  # repeats
-        out.append((ids, torch.tensor([0, 4, 4, 17, 30 - 1])))
+        out.append((ids, torch.arange(30) if step % 2 else torch.tensor([0, 4, 4, 17, 30 - 1])))
     return out
 
 
