@@ -309,7 +309,10 @@ class FactorizedEmbeddingBag(FactorizedLayer):
         """nn.Embedding semantics: rows for ids of any shape, (..., embedding_dim)."""
         self._check_ids(input)
         unique, inverse, tree = self.distinct(input.reshape(-1))
-        return self.distinct_rows(unique, tree)[inverse].reshape(*input.shape, self.embedding_dim)
+        if self._fused():  # one row per lookup, written by the fused lookup itself
+            rows = fused_rows(self.weight, unique, self.row_shape, self.table_update, tree, inverse)
+            return rows[:, : self.embedding_dim].reshape(*input.shape, self.embedding_dim)
+        return self.rows(unique)[inverse].reshape(*input.shape, self.embedding_dim)
 
     def forward(self, input, offsets=None, per_sample_weights=None):
         self._check_ids(input)
