@@ -13,7 +13,9 @@ the network trained at or under the budget. Every compressed strategy trains for
   ranks with the method for `method.search_epochs(epochs)` epochs, select to the budget, prune,
   train the rest. When nothing trained between decomposing and selecting (lwiq's pretrained
   start: no warm-up), the method measures the trained dense network itself and the layers are
-  decomposed afresh at the selected ranks (better than truncating the max-rank factors).
+  decomposed afresh at the selected ranks (better than truncating the max-rank factors); a
+  method that only allocates ranks (`refit_after_select`: lwiq) has its warmed-up layers
+  decomposed afresh at them in the same way.
 """
 
 from __future__ import annotations
@@ -168,6 +170,10 @@ class Search(Strategy):
         untouched = decompose and search_epochs == 0 and run.dense_reference is not None
         net.eval()
         method.measure(run.dense_reference if untouched else net, run.task.heldout_batches())
+        # a method that only allocates ranks (lwiq) keeps the best approximation of the warmed-up layers
+        # at them (TT-SVD / HOSVD of their full tensors) rather than the slices that happen to be largest
+        refit = getattr(method, "refit_after_select", False) and not untouched and run.format != "cp"
+        warmed = {name: layer.weight.full().detach() for name, layer in layers.items()} if refit else {}
         method.select()
         method.detach()
         run.method_state = method.state()
@@ -175,6 +181,9 @@ class Search(Strategy):
             layer.prune()
         if untouched:
             redecompose(net, run.dense_reference, run.format)
+        with torch.no_grad():
+            for name, full in warmed.items():
+                layers[name].weight.decompose_from(full)
         run.search_time = time.perf_counter() - start
         trainer.restart_schedule(run.total_epochs - search_epochs - dense_epochs)
         trainer.run(cfg["epochs"] - search_epochs - dense_epochs, "train")

@@ -269,3 +269,33 @@ def test_paper_mode_measures_a_dense_trained_network_then_decomposes_at_the_allo
     assert phases["today"] == ["search", "train", "train", "finetune"]
     with pytest.raises(ValueError, match="start"):
         make_method("lwiq", start="pretrained")
+
+
+@pytest.mark.parametrize("refit", [True, False])
+def test_warmed_up_layers_are_decomposed_afresh_at_the_allocated_ranks(refit, monkeypatch):
+    """`refit` (default): after select and prune, fit replaces each warmed-up layer by the TT-SVD of
+    its own full tensor at the allocated ranks, which approximates it better than keeping the
+    largest slices (full MNIST TT 1 %: +0.6 points)."""
+    from ranksearch.models.tensorized.formats import TensorTrain
+    from ranksearch.models.train import fit
+
+    calls = []
+    original = TensorTrain.decompose_from
+
+    def spy(self, tensor):
+        before = self.full().detach().clone()
+        original(self, tensor)
+        after = self.full().detach()
+        assert list(self.max_ranks) == self.ranks and tensor.shape == after.shape
+        calls.append(((after - tensor).norm() <= (before - tensor).norm() + 1e-6, self.ranks))
+
+    monkeypatch.setattr(TensorTrain, "decompose_from", spy)
+    record = fit(model="mlp", dataset="digits", method="lwiq", format="tt", budget=0.04, method_params={"refit": refit},
+                 train={"epochs": 2, "finetune_epochs": 0, "max_rank": 8, "lr": 1e-2}, dataset_options={"max_train": 400})
+    assert record["budget_met"]
+    if refit:  # one per tensorized layer, at its selected ranks, closer to the warmed-up tensor than the slices kept
+        assert [ranks for _, ranks in calls] == [layer["ranks"] for layer in record["layers"]]
+        assert all(closer for closer, _ in calls)
+        assert any(r < 8 for _, ranks in calls for r in ranks)  # the budget did truncate
+    else:
+        assert calls == []

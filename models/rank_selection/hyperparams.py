@@ -70,6 +70,7 @@ METHOD_DEFAULTS = {
         "warmup_epochs": 1,  # ordinary training before measuring, so features mean something
         "measure_batches": 8,  # held-out batches: half imprint the proxy classifiers, half score them
         "pool_features": 512,  # pooled feature size per layer (conv maps keep a coarse grid within it)
+        "refit": True,  # start: tensorized: decompose the warmed-up layers at the allocated ranks (False: keep the largest slices)
         "min_share": 0.05,  # floor of each layer's significance, relative to the top layer, so no layer starves
         "start": "tensorized",  # tensorized: warm up the max-rank model | dense: the paper (measure a trained net, decompose)
         "preset": "default",  # default | paper (start dense, PRESETS below)
