@@ -33,6 +33,7 @@ from ranksearch.models.rank_selection.budget import resolve_budget, uniform_rank
 from ranksearch.models.tensorized import factorized_layers, from_dense
 
 INITS = ("random", "pretrained")
+REFIT_MAX_ENTRIES = 1 << 24  # largest layer (dense entries) a refit materializes: 64 MB in float32
 # Under init="pretrained" these method defaults change: LWIQ measures the trained network as is.
 PRETRAINED_DEFAULTS = {"lwiq": {"warmup_epochs": 0}}
 
@@ -172,8 +173,10 @@ class Search(Strategy):
         method.measure(run.dense_reference if untouched else net, run.task.heldout_batches())
         # a method that only allocates ranks (lwiq) keeps the best approximation of the warmed-up layers
         # at them (TT-SVD / HOSVD of their full tensors) rather than the slices that happen to be largest
+        # (not CP, whose ALS is no best truncation, nor tables too large to hold dense, e.g. DLRM's)
         refit = getattr(method, "refit_after_select", False) and not untouched and run.format != "cp"
-        warmed = {name: layer.weight.full().detach() for name, layer in layers.items()} if refit else {}
+        warmed = {name: layer.weight.full().detach() for name, layer in layers.items()
+                  if refit and layer.dense_parameters() <= REFIT_MAX_ENTRIES}
         method.select()
         method.detach()
         run.method_state = method.state()

@@ -271,13 +271,17 @@ def test_paper_mode_measures_a_dense_trained_network_then_decomposes_at_the_allo
         make_method("lwiq", start="pretrained")
 
 
-@pytest.mark.parametrize("refit", [True, False])
-def test_warmed_up_layers_are_decomposed_afresh_at_the_allocated_ranks(refit, monkeypatch):
+@pytest.mark.parametrize("refit, too_large", [(True, False), (False, False), (True, True)])
+def test_warmed_up_layers_are_decomposed_afresh_at_the_allocated_ranks(refit, too_large, monkeypatch):
     """`refit` (default): after select and prune, fit replaces each warmed-up layer by the TT-SVD of
     its own full tensor at the allocated ranks, which approximates it better than keeping the
-    largest slices (full MNIST TT 1 %: +0.6 points)."""
+    largest slices (full MNIST TT 1 %: +0.6 points); layers too large to hold dense keep their slices."""
+    from ranksearch.models import strategies
     from ranksearch.models.tensorized.formats import TensorTrain
     from ranksearch.models.train import fit
+
+    if too_large:
+        monkeypatch.setattr(strategies, "REFIT_MAX_ENTRIES", 0)
 
     calls = []
     original = TensorTrain.decompose_from
@@ -293,7 +297,7 @@ def test_warmed_up_layers_are_decomposed_afresh_at_the_allocated_ranks(refit, mo
     record = fit(model="mlp", dataset="digits", method="lwiq", format="tt", budget=0.04, method_params={"refit": refit},
                  train={"epochs": 2, "finetune_epochs": 0, "max_rank": 8, "lr": 1e-2}, dataset_options={"max_train": 400})
     assert record["budget_met"]
-    if refit:  # one per tensorized layer, at its selected ranks, closer to the warmed-up tensor than the slices kept
+    if refit and not too_large:  # one per tensorized layer, at its selected ranks, closer to the warmed-up tensor than the slices kept
         assert [ranks for _, ranks in calls] == [layer["ranks"] for layer in record["layers"]]
         assert all(closer for closer, _ in calls)
         assert any(r < 8 for _, ranks in calls for r in ranks)  # the budget did truncate
