@@ -11,8 +11,9 @@ targets on MNIST), so the final ranks came from `select`'s one cut, not from the
   model is at the target (`prune_to_budget`, with the method's importance of that moment). Each
   cut is followed by more training, and the search ends at the budget on its own;
 - a dual variable (Lagrange multiplier, as in constrained L0, Louizos et al. 2018) that each
-  method raises by dual ascent while what it would keep on its own exceeds the budget: L0's
-  penalty weight, Bayesian's KL weight (see those modules).
+  method raises by dual ascent while what it would keep on its own exceeds the budget:
+  Bayesian's KL weight, and L0's penalty weight only when `dual_lr` > 0 (off by default: it
+  closed whole edges at once, l0.py).
 """
 
 from __future__ import annotations
