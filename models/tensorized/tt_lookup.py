@@ -102,10 +102,11 @@ class _FusedLookup(torch.autograd.Function):
         blocks = [_core_blocks(c, tt_rows) for c in cores]
         compiled = tt_kernel.usable(blocks[0])
         per_lookup = inverse is not None
+        lookups = (None, None)
         if compiled:
             if per_lookup:
                 tree.group_lookups(inverse)
-            lookups = (tree.order, tree.bounds) if per_lookup else (None, None)
+                lookups = (tree.order, tree.bounds)
             nodes = tt_kernel.kernel().forward(blocks, tree.digits, _parents(tree), *lookups)
             out = nodes[-1]
         else:
@@ -113,7 +114,7 @@ class _FusedLookup(torch.autograd.Function):
             out = nodes[-1].reshape(tree.sizes[-1], -1)
             if per_lookup:
                 out = out.index_select(0, inverse)
-        ctx.tree, ctx.update, ctx.compiled, ctx.inverse = tree, update, compiled, inverse
+        ctx.tree, ctx.update, ctx.compiled, ctx.inverse, ctx.lookups = tree, update, compiled, inverse, lookups
         ctx.core_shapes, ctx.n_nodes = [c.shape for c in cores], len(nodes)
         ctx.save_for_backward(*nodes, *blocks)
         return out.reshape(out.shape[0], -1)
@@ -125,8 +126,7 @@ class _FusedLookup(torch.autograd.Function):
         nodes, blocks = saved[: ctx.n_nodes], saved[ctx.n_nodes : ctx.n_nodes + levels]
         g = grad_out.contiguous()
         if ctx.compiled:
-            lookups = (tree.order, tree.bounds) if ctx.inverse is not None else (None, None)
-            block_grads = tt_kernel.kernel().backward(g, nodes, blocks, tree.digits, _parents(tree), *lookups)
+            block_grads = tt_kernel.kernel().backward(g, nodes, blocks, tree.digits, _parents(tree), *ctx.lookups)
         else:
             if ctx.inverse is not None:  # per-lookup rows: sum each distinct id's lookups
                 g = g.new_zeros(tree.sizes[-1], g.shape[1]).index_add_(0, ctx.inverse, g)
