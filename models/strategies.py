@@ -174,7 +174,7 @@ class Search(Strategy):
         # a method that only allocates ranks (lwiq) keeps the best approximation of the warmed-up layers
         # at them (TT-SVD / HOSVD of their full tensors) rather than the slices that happen to be largest
         # (not CP, whose ALS is no best truncation, nor tables too large to hold dense, e.g. DLRM's)
-        refit = getattr(method, "refit_after_select", False) and not untouched and run.format != "cp"
+        refit = method.refit_after_select and not untouched and run.format != "cp"
         warmed = {name: layer.weight.full().detach() for name, layer in layers.items()
                   if refit and layer.dense_parameters() <= REFIT_MAX_ENTRIES}
         method.select()

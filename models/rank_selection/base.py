@@ -33,6 +33,9 @@ class RankMethod(nn.Module):
     override `penalty`, `step`, `end_epoch`, `natural_masks`, `select`, `_detach`, `state`."""
 
     name = ""
+    # True for a method that only allocates ranks (lwiq): `fit` then decomposes the warmed-up
+    # layers afresh at them instead of keeping the selected slices
+    refit_after_select = False
 
     def __init__(self, **hyperparameters):
         super().__init__()
