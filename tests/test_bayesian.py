@@ -158,6 +158,32 @@ def test_detach_and_prune_keep_eval_outputs():
     assert torch.allclose(before, after, atol=1e-5)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_search_stops_pruning_at_the_budget(seed):
+    """A budget of ranks [6, 6] over a rank-[2, 3] teacher, with a prior strong enough to find the
+    teacher's ranks (kl_weight 1/N): left running, the prior shrank slices on below the budget and
+    the threshold kept 0.12 (ranks [1, 1]) / 0.27 ([2, 3]) of it, for `select` to refill. Frozen
+    once its slices fit, the search itself ends within 1.5x of the budget (full MNIST, MLP TTM 2 %:
+    0.37 before)."""
+    from rank_teacher import teacher_student
+    from ranksearch.models.rank_selection.budget import tensorized_params
+
+    def search(**hp):
+        teacher, student = teacher_student("ttm", seed=seed)
+        budget = student.params_at([6, 6])
+        method = make_method("bayesian", kl_weight=1 / N, **hp)
+        train(student, method, teacher_data(teacher, N, seed=seed), epochs=30, lr=3e-3, batch_size=32,
+              budget_params=budget, plan=True, seed=seed)
+        method.select()
+        assert tensorized_params(method.layers) <= budget
+        return method.state()
+
+    frozen = search()
+    assert frozen["frozen"] and 1 / 1.5 <= frozen["reached_over_budget"] <= 1.0
+    running = search(freeze_at_target=False)
+    assert not running["frozen"] and running["reached_over_budget"] < 1 / 1.5
+
+
 def test_state_is_json():
     _, _, method = fit("ttm", "map")
     state = json.loads(json.dumps(method.state()))
@@ -172,6 +198,8 @@ def test_rejects_unknown_choices():
         make_method("bayesian", hyperprior="gamma")
     with pytest.raises(ValueError, match="threshold"):
         make_method("bayesian", threshold=1e-4 * 1e5)  # relative to the edge's largest lambda^2: < 1
+    with pytest.raises(ValueError, match="freeze_at_target"):
+        make_method("bayesian", freeze_at_target="yes")
 
 
 def test_threshold_is_relative_to_the_largest_lambda_on_the_edge():

@@ -52,6 +52,8 @@ METHOD_DEFAULTS = {
         "init_log_sigma": -8.0,  # svi: posterior std starts tiny (exp(-8)), near the MAP point
         "search_fraction": 0.5,  # of train.epochs searched with the prior; the pruned model trains the rest
         "max_kl_boost": 100.0,  # cap of the KL weight's dual multiplier
+        # stop the prior (lambda^2 fixed, no KL, no sampling) once the slices above the threshold fit the budget
+        "freeze_at_target": True,
         **BUDGET_SEARCH,
     },
     "l0": {
@@ -83,7 +85,7 @@ METHOD_DEFAULTS = {
 # `preset: paper` (CLI `--param preset=paper`): the papers' own settings, so faithfulness stays
 # measurable. A preset fills in what the run leaves at its default; a value set to anything else wins.
 PRESETS = {
-    "bayesian": {"paper": {"budget_aware": False, "inference": "svi", "hyperprior": "log_uniform",
+    "bayesian": {"paper": {"budget_aware": False, "freeze_at_target": False, "inference": "svi", "hyperprior": "log_uniform",
                            "kl_weight": 5e-5, "threshold": 1e-2, "cost_power": 0.0}},
     "l0": {"paper": {"budget_aware": False, "lam": 0.1, "sigma": 0.5, "shift": 1.2, "freeze_at_target": True,
                      "cost_power": 0.0}},
