@@ -4,6 +4,7 @@ parameters), reports each epoch's validation row, and stops a diverged run with 
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import time
@@ -24,7 +25,14 @@ class Trainer:
     def __init__(self, net: nn.Module, task, cfg: dict, on_epoch: Callable[[dict], None] | None, progress: bool):
         self.net, self.task, self.cfg = net, task, cfg
         self.on_epoch, self.progress = on_epoch, progress
-        self.epoch = 0
+        self.epoch = 0  # completed epochs
+        # a run may stop partway through an epoch (LWIQ's fractional warm-up): the next run resumes it
+        self._target = 0.0  # epochs asked for so far, over all runs
+        self._offset = 0  # batches of the current epoch already trained
+        self._epoch_losses: list[float] = []
+        self._epoch_seconds = 0.0
+        self._length: int | None = None  # batches per epoch, counted when a fraction needs it
+        self.report_seconds = 0.0  # spent validating for the epoch rows (not training: rank-search time leaves it out)
         self.total_epochs = cfg["epochs"] + cfg["finetune_epochs"]
         self.restart_schedule(self.total_epochs)
 
@@ -54,19 +62,33 @@ class Trainer:
             return self.cfg["lr"]
         return self.cfg["lr"] * 0.5 * (1 + math.cos(math.pi * (epoch - self.schedule_start) / self.schedule_span))
 
-    def run(self, epochs: int, phase: str, method=None) -> None:
+    def run(self, epochs: float, phase: str, method=None) -> None:
+        """Train `epochs` more epochs. A fraction ends partway through an epoch (rounded to whole
+        batches); the next run resumes that epoch on the same batch order, so the epochs of all
+        runs add up. An epoch is reported once, when it completes."""
         if epochs <= 0:
             return
+        self._target += epochs
         optimizer = self._optimizer(method, self._lr(self.epoch))
         tables = self._table_optimizer()
         try:
-            self._epochs(epochs, phase, method, optimizer, tables)
+            self._epochs(phase, method, optimizer, tables)
         finally:
             if tables is not None:
                 tables.detach()
 
-    def _epochs(self, epochs: int, phase: str, method, optimizer, tables) -> None:
-        for _ in range(epochs):
+    def _epoch_length(self) -> int:
+        if self._length is None:
+            batches = self.task.train_batches(self.epoch)
+            self._length = len(batches) if hasattr(batches, "__len__") else sum(1 for _ in batches)
+        return self._length
+
+    def _epochs(self, phase: str, method, optimizer, tables) -> None:
+        while self._target - self.epoch > 1e-9:
+            part = self._target - self.epoch  # None below: to the end of the epoch
+            stop = None if part > 1 - 1e-9 else min(round(part * self._epoch_length()), self._epoch_length())
+            if stop is not None and stop <= self._offset:
+                return
             scale = self._lr(self.epoch) / self.cfg["lr"]
             for group in optimizer.param_groups:
                 group.setdefault("base_lr", group["lr"])
@@ -74,8 +96,9 @@ class Trainer:
             if tables is not None:
                 tables.lr = self.cfg["table_lr"] * scale
             self.net.train()
-            start, losses = time.perf_counter(), []
-            for b, batch in enumerate(self.task.train_batches(self.epoch)):
+            start = time.perf_counter()
+            batches = itertools.islice(self.task.train_batches(self.epoch), self._offset, stop)
+            for b, batch in enumerate(batches, start=self._offset):
                 loss = self.task.loss(self.net, batch)
                 if method is not None:
                     loss = loss + method.penalty()
@@ -86,11 +109,19 @@ class Trainer:
                 optimizer.step()
                 if method is not None:
                     method.step(self.epoch, b)
-                losses.append(float(loss.detach()))
+                self._epoch_losses.append(float(loss.detach()))
+            self._epoch_seconds += time.perf_counter() - start
+            if stop is not None and stop < self._epoch_length():
+                self._offset = stop
+                return
             if method is not None:
                 method.end_epoch(self.epoch)
             self.epoch += 1
-            self._report(phase, float(np.mean(losses)) if losses else float("nan"), time.perf_counter() - start)
+            losses, seconds = self._epoch_losses, self._epoch_seconds
+            self._offset, self._epoch_losses, self._epoch_seconds = 0, [], 0.0
+            reporting = time.perf_counter()
+            self._report(phase, float(np.mean(losses)) if losses else float("nan"), seconds)
+            self.report_seconds += time.perf_counter() - reporting
 
     def _params(self) -> int:
         return model_params(self.net)

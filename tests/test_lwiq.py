@@ -271,6 +271,25 @@ def test_paper_mode_measures_a_dense_trained_network_then_decomposes_at_the_allo
         make_method("lwiq", start="pretrained")
 
 
+def test_a_fractional_warm_up_measures_partway_through_the_first_epoch():
+    """`warmup_epochs` 0.5: the first half of epoch 1's batches warm up, the pruned model trains the
+    other half (same batch order) and the remaining epochs, so the run still trains epochs +
+    finetune_epochs in all; the warm-up epoch is most of LWIQ's rank-search time (LeNet-5)."""
+    from ranksearch.models.train import fit
+
+    rows = []
+    record = fit(model="mlp", dataset="digits", method="lwiq", format="tt", budget=0.1,
+                 method_params={"warmup_epochs": 0.5}, train={"epochs": 3, "finetune_epochs": 1, "max_rank": 8, "lr": 1e-2},
+                 dataset_options={"max_train": 400}, on_epoch=rows.append)
+    assert record["budget_met"] and record["epochs_done"] == 4
+    assert [r["phase"] for r in rows] == ["train", "train", "train", "finetune"]  # epoch 1 ends after the selection
+    assert record["method_state"]["significance"]
+    assert make_method("lwiq", warmup_epochs=0.5).search_epochs(3) == 0.5
+    for bad in (-0.5, "one", False, float("inf")):
+        with pytest.raises(ValueError, match="warmup_epochs"):
+            make_method("lwiq", warmup_epochs=bad)
+
+
 @pytest.mark.parametrize("refit, too_large", [(True, False), (False, False), (True, True)])
 def test_warmed_up_layers_are_decomposed_afresh_at_the_allocated_ranks(refit, too_large, monkeypatch):
     """`refit` (default): after select and prune, fit replaces each warmed-up layer by the TT-SVD of

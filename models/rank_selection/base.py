@@ -115,7 +115,8 @@ class RankMethod(nn.Module):
     def search_epochs(self, epochs: int) -> int:
         """How many of the training epochs run with the method attached (the rank search):
         `search_fraction` of them (all when the method has none), at least one. The budget-aware
-        cut schedule is planned over them."""
+        cut schedule is planned over them. LWIQ's may be a fraction (the trainer stops partway
+        through an epoch and resumes it after the selection)."""
         n = min(epochs, max(1, round(epochs * self.hp.get("search_fraction", 1.0))))
         self._planned_epochs = n
         return n

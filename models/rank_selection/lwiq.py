@@ -161,8 +161,10 @@ class LWIQRank(RankMethod):
             raise ValueError(f"lwiq: min_share must lie in (0, 1], got {self.hp['min_share']!r}")
         if self.hp["start"] not in STARTS:
             raise ValueError(f"lwiq: start must be one of {', '.join(STARTS)}, got {self.hp['start']!r}")
-        if not isinstance(self.hp["warmup_epochs"], int) or self.hp["warmup_epochs"] < 0:
-            raise ValueError(f"lwiq: warmup_epochs must be an integer >= 0, got {self.hp['warmup_epochs']!r}")
+        warmup = self.hp["warmup_epochs"]
+        if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0 <= warmup < math.inf:
+            raise ValueError(f"lwiq: warmup_epochs must be a number of epochs >= 0 (a fraction ends partway "
+                             f"through an epoch), got {warmup!r}")
         self._attach()
 
     def _attach(self) -> None:
