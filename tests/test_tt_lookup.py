@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ranksearch.models.tensorized import FactorizedEmbeddingBag, tt_kernel
-from ranksearch.models.tensorized.tt_lookup import PrefixTree, distinct_ids
+from ranksearch.models.tensorized.tt_lookup import PrefixTree, apply_tail, distinct_ids
 
 from torch_fixtures import _one_thread, _seed  # noqa: F401  (autouse fixtures)
 
@@ -171,6 +171,20 @@ def test_distinct_ids_and_tree_equal_torch_unique(rows, shape, n, dtype):
     assert tree.sizes == want.sizes
     assert all(torch.equal(a, b) for a, b in zip(tree.digits, want.digits))
     assert all(torch.equal(a, b) for a, b in zip(tree.parents[1:], want.parents[1:]))
+
+
+@pytest.mark.parametrize("rows, rank, dim", [(1, 1, 1), (37, 5, 13), (300, 16, 128), (2000, 16, 10)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tail_product_gradients_equal_autograds(backend, rows, rank, dim, dtype):
+    """A tt tail's one-pass backward (blocks of the gradient, ragged last block, a sliced tail)."""
+    x = torch.randn(rows, rank, dtype=dtype, requires_grad=True)
+    full = torch.randn(rank, dim + 3, dtype=dtype, requires_grad=True)
+    g = torch.randn(rows, dim, dtype=dtype)
+    got = torch.autograd.grad((apply_tail(x, full[:, :dim]) * g).sum(), [x, full])
+    want = torch.autograd.grad(((x @ full[:, :dim]) * g).sum(), [x, full])
+    tol = 1e-4 if dtype == torch.float32 else 1e-12
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("fmt", ["tt", "ttm"])

@@ -17,8 +17,9 @@ of what the FLOPs allow. This path follows EL-Rec (SC'22):
 
 Layouts: a TTM table has L cores (r_{k-1}, n_k, d_k, r_k); a TT table has L row cores
 (r_{k-1}, n_k, r_k) then column cores whose product (r_L, D) is a shared `tail` matrix (computed
-and applied through ordinary autograd: it does not depend on the ids; a bag sums its r_L-wide
-rows before the tail, 8x less pooling traffic than 128-wide rows at rank 16). Masks,
+through ordinary autograd: it does not depend on the ids; a bag sums its r_L-wide rows before the
+tail, 8x less pooling traffic than 128-wide rows at rank 16; `apply_tail` multiplies, with a
+backward that reads the output gradient once). Masks,
 `slice_gates` and `factor_sampler` are applied to the cores before the lookup (`lookup_cores`), so
 every rank method keeps driving these tables; only the plain case (no gate, all masks on) takes
 the fused optimizer, the others hand dense core gradients to autograd.
@@ -190,6 +191,31 @@ def tail_matrix(col_cores: list[torch.Tensor]) -> torch.Tensor:
     return t.reshape(r_l, -1)
 
 
+class _TailProduct(torch.autograd.Function):
+    """rows (B, r_L) @ tail (r_L, D) whose backward reads the output gradient once: the compiled
+    kernel's `tail_backward` forms both gradients per L1-sized block of it, where autograd's two
+    GEMMs read all of it twice (the largest products of a tt lookup: 16 x 128 per row at rank 16)."""
+
+    @staticmethod
+    def forward(ctx, rows, tail):
+        ctx.save_for_backward(rows, tail)
+        return rows @ tail
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, tail = ctx.saved_tensors
+        if tt_kernel.usable(rows) and rows.dtype == tail.dtype == grad_out.dtype:
+            grad_rows, grad_tail = tt_kernel.kernel().tail_backward(grad_out, rows, tail)
+        else:
+            grad_rows, grad_tail = grad_out @ tail.t(), rows.t() @ grad_out
+        return (grad_rows if ctx.needs_input_grad[0] else None), (grad_tail if ctx.needs_input_grad[1] else None)
+
+
+def apply_tail(rows: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    """rows @ tail for a tt table's rows (or bags of them) and its tail matrix."""
+    return _TailProduct.apply(rows, tail)
+
+
 def fused_rows(tensor, ids: torch.Tensor, row_shape, update=None, tree: PrefixTree | None = None,
                inverse: torch.Tensor | None = None) -> torch.Tensor:
     """Rows (len(ids), prod(col modes)) of a `tt`/`ttm` tensor for distinct sorted `ids`.
@@ -199,7 +225,7 @@ def fused_rows(tensor, ids: torch.Tensor, row_shape, update=None, tree: PrefixTr
     per lookup, `rows[inverse]` (bags of one id need no pooling then).
     """
     rows, tail = fused_row_factors(tensor, ids, row_shape, update, tree, inverse)
-    return rows if tail is None else rows @ tail
+    return rows if tail is None else apply_tail(rows, tail)
 
 
 def fused_row_factors(tensor, ids: torch.Tensor, row_shape, update=None, tree: PrefixTree | None = None,
