@@ -81,6 +81,19 @@ class FactorizedTensor(nn.Module):
     def masks(self) -> list[torch.Tensor]:
         return [self.mask(k) for k in range(self.num_edges)]
 
+    def all_masks_on(self) -> bool:
+        """Whether every mask keeps every slice. Called on each table lookup, so the answer is kept
+        until a mask changes: a mask object replaced (prune, .to) or written in place (its
+        `_version` counts writes: set_mask, load_state_dict); 6 comparisons on tensors cost ~35 us."""
+        masks = self.masks
+        seen = self.__dict__.get("_masks_on")
+        if seen is None or len(seen[0]) != len(masks) or not all(
+            a is b and a._version == v for a, b, v in zip(seen[0], masks, seen[1])
+        ):
+            seen = (masks, [m._version for m in masks], all(bool((m == 1).all()) for m in masks))
+            self.__dict__["_masks_on"] = seen
+        return seen[2]
+
     @property
     def max_ranks(self) -> list[int]:
         return [m.numel() for m in self.masks]

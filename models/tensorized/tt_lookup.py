@@ -126,24 +126,26 @@ class _FusedLookup(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         nodes, blocks = saved[: ctx.n_nodes], saved[ctx.n_nodes : ctx.n_nodes + levels]
         g = grad_out.contiguous()
-        if ctx.compiled:
-            block_grads = tt_kernel.kernel().backward(g, nodes, blocks, tree.digits, _parents(tree), *ctx.lookups)
+        if ctx.compiled:  # the touched digits of each level and their block gradients
+            out = tt_kernel.kernel().backward(g, nodes, blocks, tree.digits, _parents(tree), *ctx.lookups)
+            block_grads, touched = out[:levels], out[levels:]
         else:
             if ctx.inverse is not None:  # per-lookup rows: sum each distinct id's lookups
                 g = g.new_zeros(tree.sizes[-1], g.shape[1]).index_add_(0, ctx.inverse, g)
-            block_grads = _backward_torch(tree, nodes, blocks, g)
+            touched = [torch.unique(d) for d in tree.digits]
+            block_grads = [gb.index_select(0, t) for gb, t in zip(_backward_torch(tree, nodes, blocks, g), touched)]
         grads = []
-        for k, gblock in enumerate(block_grads):
+        for k, (digits, gblock) in enumerate(zip(touched, block_grads)):
             if not ctx.needs_input_grad[5 + k]:
                 grads.append(None)
                 continue
             shape = ctx.core_shapes[k]
+            slices = gblock.reshape(-1, *_slice_shape(shape)).movedim(0, 1)  # (r_{k-1}, T_k, ...)
             if ctx.update is not None:  # the fused optimizer: touched slices only, no gradient for autograd
-                touched = torch.bincount(tree.digits[k], minlength=shape[1]).nonzero().flatten()  # sorted, no sort
-                ctx.update(k, touched, gblock.index_select(0, touched).reshape(-1, *_slice_shape(shape)).movedim(0, 1))
+                ctx.update(k, digits, slices)
                 grads.append(None)
             else:
-                grads.append(gblock.reshape(shape[1], *_slice_shape(shape)).movedim(0, 1))
+                grads.append(slices.new_zeros(shape).index_copy_(1, digits, slices))
         return (None, None, None, None, None, *grads)
 
 
@@ -254,6 +256,6 @@ def lookup_cores(tensor) -> tuple[list[torch.Tensor], bool]:
     """The cores a lookup multiplies: the parameters themselves when no mask, gate or sampler
     changes them (then a fused optimizer may update them in place), else `effective_factors()`."""
     sampling = tensor.factor_sampler is not None and tensor.training
-    if tensor.slice_gates is None and not sampling and all(bool((m == 1).all()) for m in tensor.masks):
+    if tensor.slice_gates is None and not sampling and tensor.all_masks_on():
         return list(tensor.factors), True
     return tensor.effective_factors(), False

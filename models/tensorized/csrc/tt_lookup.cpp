@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -317,15 +318,16 @@ std::vector<const T*> gradient_rows(const T* g, int64_t P, int64_t width, const 
   return rows;
 }
 
+// Fills gprev and returns the touched digits (sorted) with their block gradients, (T, r, W).
 template <typename scalar_t>
-void backward_level(const torch::Tensor& prev, const torch::Tensor& block, const torch::Tensor& digits,
-                    const torch::Tensor& parents, const scalar_t* const* grow, torch::Tensor& gprev,
-                    torch::Tensor& gblock, int64_t D, int64_t r, int64_t W) {
+std::pair<torch::Tensor, torch::Tensor> backward_level(const torch::Tensor& prev, const torch::Tensor& block,
+                                                       const torch::Tensor& digits, const torch::Tensor& parents,
+                                                       const scalar_t* const* grow, torch::Tensor& gprev, int64_t D,
+                                                       int64_t r, int64_t W) {
   const scalar_t* x = prev.data_ptr<scalar_t>();
   const auto block_t = block.transpose(1, 2).contiguous();  // (n, W, r)
   const scalar_t* b = block_t.data_ptr<scalar_t>();
   scalar_t* ga = gprev.data_ptr<scalar_t>();
-  scalar_t* gb = gblock.data_ptr<scalar_t>();
   const int64_t* dg = digits.data_ptr<int64_t>();
   const int64_t* pa = parents.data_ptr<int64_t>();
   const int64_t P = digits.numel(), Pp = prev.size(0), n = block.size(0), sx = prev.size(1), sb = r * W;
@@ -338,6 +340,14 @@ void backward_level(const torch::Tensor& prev, const torch::Tensor& block, const
     std::vector<int64_t> fill(first.begin(), first.end() - 1);
     for (int64_t p = 0; p < P; ++p) by_digit[fill[dg[p]]++] = p;
   }
+  int64_t T = 0;
+  for (int64_t j = 0; j < n; ++j) T += first[j + 1] > first[j];
+  auto touched = torch::empty({T}, digits.options());
+  int64_t* tj = touched.data_ptr<int64_t>();
+  for (int64_t j = 0, t = 0; j < n; ++j)
+    if (first[j + 1] > first[j]) tj[t++] = j;
+  auto gblock = torch::empty({T, r, W}, block.options());
+  scalar_t* gb = gblock.data_ptr<scalar_t>();
   const int threads = at::get_num_threads();
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
@@ -351,12 +361,12 @@ void backward_level(const torch::Tensor& prev, const torch::Tensor& block, const
       }
     }
 #pragma omp for schedule(dynamic, 4)
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t m = first[j + 1] - first[j];
-      if (m == 0) std::fill(gb + j * sb, gb + (j + 1) * sb, scalar_t(0));
-      else block_grad(gb + j * sb, by_digit.data() + first[j], m, x, pa, sx, grow, D, r, W, gbt);
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t j = tj[t];
+      block_grad(gb + t * sb, by_digit.data() + first[j], first[j + 1] - first[j], x, pa, sx, grow, D, r, W, gbt);
     }
   }
+  return {touched, gblock};
 }
 
 void check(const std::vector<torch::Tensor>& blocks, const std::vector<torch::Tensor>& digits,
@@ -408,7 +418,10 @@ std::vector<torch::Tensor> forward(std::vector<torch::Tensor> blocks, std::vecto
   return xs;
 }
 
-// Gradients of every block (n_k, r_{k-1}, W_k), given the output gradient and forward's node values.
+// Per level the digits the batch touched (sorted) and their block gradients (T_k, r_{k-1}, W_k), given
+// the output gradient and forward's node values: [grads of levels 0..L-1, touched of levels 0..L-1].
+// Untouched blocks get no gradient: a table optimizer updates the touched slices only, and a dense
+// gradient is these scattered into zeros.
 std::vector<torch::Tensor> backward(torch::Tensor grad_out, std::vector<torch::Tensor> xs,
                                     std::vector<torch::Tensor> blocks, std::vector<torch::Tensor> digits,
                                     std::vector<torch::Tensor> parents, c10::optional<torch::Tensor> order,
@@ -416,23 +429,24 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_out, std::vector<torch::T
   check(blocks, digits, parents);
   const Lookups lookups = lookups_of(order, bounds), none;
   const size_t L = blocks.size();
-  std::vector<torch::Tensor> grads(L);
+  std::vector<torch::Tensor> grads(L), touched(L);
   auto g = grad_out.contiguous();
   for (size_t k = L - 1; k >= 1; --k) {
     const auto& prev = xs[k - 1];
     const int64_t P = digits[k].numel(), r = blocks[k].size(1), W = blocks[k].size(2);
     const int64_t D = prev.size(1) / r;
     auto gprev = pooled_empty(prev.sizes(), prev.options());  // written by each parent's first child (backward_level)
-    auto gblock = torch::empty_like(blocks[k]);  // every digit's block written by backward_level
     AT_DISPATCH_FLOATING_TYPES(blocks[k].scalar_type(), "tt_backward", [&] {
       std::vector<scalar_t> sums;
       const auto rows = gradient_rows<scalar_t>(g.data_ptr<scalar_t>(), P, D * W, k == L - 1 ? lookups : none, sums);
-      backward_level<scalar_t>(prev, blocks[k], digits[k], parents[k], rows.data(), gprev, gblock, D, r, W);
+      std::tie(touched[k], grads[k]) =
+          backward_level<scalar_t>(prev, blocks[k], digits[k], parents[k], rows.data(), gprev, D, r, W);
     });
-    grads[k] = gblock;
     g = gprev;
   }
-  grads[0] = torch::zeros_like(blocks[0]).index_add_(0, digits[0], g.reshape({digits[0].numel(), blocks[0].size(1), -1}));
+  touched[0] = digits[0];  // level 0's nodes are its distinct digits, sorted: their gradients as they are
+  grads[0] = g.reshape({digits[0].numel(), blocks[0].size(1), -1});
+  grads.insert(grads.end(), touched.begin(), touched.end());
   return grads;
 }
 
