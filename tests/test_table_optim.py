@@ -1,6 +1,6 @@
 """Fused sparse table optimizers: a step inside backward equals the same rule applied densely to
 reference gradients (einsum path, autograd), for fused TT/TTM cores, hook-updated cores (gates,
-cp, tucker, TT column cores) and plain sparse bags; Adam equals torch.optim.SparseAdam."""
+cp, tucker) and plain sparse bags; Adam equals torch.optim.SparseAdam."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def _check(fused_model, ref_model, params_dims, name, batches, forward):
 
 CASES = {
     "ttm": dict(format="ttm"),
-    "tt": dict(format="tt"),  # fused row cores, hook-updated column cores
+    "tt": dict(format="tt"),  # fused row cores, column cores updated in the tail's backward
     "ttm-gated": dict(format="ttm", gated=True),  # cores changed by gates: dense gradients, hooks
     "cp": dict(format="cp"),
     "tucker": dict(format="tucker"),

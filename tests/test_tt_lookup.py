@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ranksearch.models.tensorized import FactorizedEmbeddingBag, tt_kernel
-from ranksearch.models.tensorized.tt_lookup import PrefixTree, apply_tail, distinct_ids
+from ranksearch.models.tensorized.tt_lookup import PrefixTree, Tail, distinct_ids
 
 from torch_fixtures import _one_thread, _seed  # noqa: F401  (autouse fixtures)
 
@@ -173,15 +173,21 @@ def test_distinct_ids_and_tree_equal_torch_unique(rows, shape, n, dtype):
     assert all(torch.equal(a, b) for a, b in zip(tree.parents[1:], want.parents[1:]))
 
 
-@pytest.mark.parametrize("rows, rank, dim", [(1, 1, 1), (37, 5, 13), (300, 16, 128), (2000, 16, 10)])
+@pytest.mark.parametrize("rows, rank, dims, width", [(1, 1, [1], 1), (37, 5, [2, 7], 13), (300, 16, [4, 4, 8], 128),
+                                                     (2000, 16, [2, 5], 7)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_tail_product_gradients_equal_autograds(backend, rows, rank, dim, dtype):
-    """A tt tail's one-pass backward (blocks of the gradient, ragged last block, a sliced tail)."""
+def test_tail_gradients_equal_autograds(backend, rows, rank, dims, width, dtype):
+    """A tt tail's hand-written backward: one pass over the output gradient (blocks, a ragged last
+    block), padded columns cut, the chain of column cores."""
+    ranks = [rank] + [3] * (len(dims) - 1) + [1]
+    cores = [torch.randn(ranks[j], d, ranks[j + 1], dtype=dtype, requires_grad=True) for j, d in enumerate(dims)]
     x = torch.randn(rows, rank, dtype=dtype, requires_grad=True)
-    full = torch.randn(rank, dim + 3, dtype=dtype, requires_grad=True)
-    g = torch.randn(rows, dim, dtype=dtype)
-    got = torch.autograd.grad((apply_tail(x, full[:, :dim]) * g).sum(), [x, full])
-    want = torch.autograd.grad(((x @ full[:, :dim]) * g).sum(), [x, full])
+    g = torch.randn(rows, width, dtype=dtype)
+    got = torch.autograd.grad((Tail(cores)(x, width) * g).sum(), [x, *cores])
+    full = cores[0]
+    for core in cores[1:]:
+        full = torch.einsum("a...r,rds->a...ds", full, core)
+    want = torch.autograd.grad(((x @ full.reshape(rank, -1)[:, :width]) * g).sum(), [x, *cores])
     tol = 1e-4 if dtype == torch.float32 else 1e-12
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)

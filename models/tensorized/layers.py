@@ -18,7 +18,7 @@ from .formats import build_tensor
 from .names import FORMATS
 from .shapes import default_order, resolve_shape
 from .pooling import one_id_bags, pool_rows
-from .tt_lookup import apply_tail, distinct_ids, fused_row_factors, fused_rows
+from .tt_lookup import distinct_ids, fused_row_factors, fused_rows
 
 FUSED_FORMATS = ("tt", "ttm")  # formats with a fused lookup (tt_lookup.py); the others use the einsum path
 
@@ -336,11 +336,11 @@ class FactorizedEmbeddingBag(FactorizedLayer):
         else:
             rows, tail = self._pooling_factors(unique, tree)
             pooled = pool_rows(rows, inverse, offsets, self.mode, per_sample_weights, include_last_offset)
-        return pooled[:, : self.embedding_dim] if tail is None else apply_tail(pooled, tail[:, : self.embedding_dim])
+        return pooled[:, : self.embedding_dim] if tail is None else tail(pooled, self.embedding_dim)
 
     def _pooling_factors(self, unique: torch.Tensor, tree=None):
         """(rows to pool, tail applied after pooling or None). A fused tt table's rows are
-        (U, r_L) @ tail: sum and mean pool the r_L-wide rows, and the tail multiplies once per bag
+        tail((U, r_L)): sum and mean pool the r_L-wide rows, and the tail multiplies once per bag
         (at rank 16, dim 128, pooling moved 8x less data: it was half of a training step)."""
         if self.fused and self.format == "tt" and self.mode != "max":
             return fused_row_factors(self.weight, unique, self.row_shape, self.table_update, tree)

@@ -6,10 +6,11 @@ the looked-up rows during backward with a row-wise rule, so a step costs in prop
 batch. This module does the same for our tables:
 
 - fused TT/TTM lookups (`tt_lookup.py`) hand each touched core slice's summed gradient straight
-  to `TableOptimizer.update` and give autograd no core gradient;
-- every other table parameter (cp / tucker factors, gated or masked cores, a TT table's column
-  cores, plain `nn.EmbeddingBag` weights, sparse gradients included) gets a post-accumulate-grad
-  hook that applies the same rule to the slices with a gradient and clears `.grad`.
+  to `TableOptimizer.update` and give autograd no core gradient (a TT table's column cores too,
+  from the tail's backward: every one of their slices is touched);
+- every other table parameter (cp / tucker factors, gated or masked cores, plain
+  `nn.EmbeddingBag` weights, sparse gradients included) gets a post-accumulate-grad hook that
+  applies the same rule to the slices with a gradient and clears `.grad`.
 
 A *slice* ("row") is one index of a parameter's first table-mode dimension: a row of a plain
 table, a digit of a TT/TTM core (dim 1), a row of a CP/Tucker factor matrix; a Tucker core is

@@ -18,8 +18,8 @@ of what the FLOPs allow. This path follows EL-Rec (SC'22):
 Layouts: a TTM table has L cores (r_{k-1}, n_k, d_k, r_k); a TT table has L row cores
 (r_{k-1}, n_k, r_k) then column cores whose product (r_L, D) is a shared `tail` matrix (computed
 through ordinary autograd: it does not depend on the ids; a bag sums its r_L-wide rows before the
-tail, 8x less pooling traffic than 128-wide rows at rank 16; `apply_tail` multiplies, with a
-backward that reads the output gradient once). Masks,
+tail, 8x less pooling traffic than 128-wide rows at rank 16; `Tail` multiplies, with a backward
+that reads the output gradient once and updates the column cores itself). Masks,
 `slice_gates` and `factor_sampler` are applied to the cores before the lookup (`lookup_cores`), so
 every rank method keeps driving these tables; only the plain case (no gate, all masks on) takes
 the fused optimizer, the others hand dense core gradients to autograd.
@@ -184,38 +184,79 @@ def _backward_torch(tree, saved, blocks, g):
     return out
 
 
-def tail_matrix(col_cores: list[torch.Tensor]) -> torch.Tensor:
-    """Product of a TT table's column cores (r_L, d_1, r) ... (r, d_M, 1) as (r_L, D)."""
-    t = col_cores[0].reshape(col_cores[0].shape[0] * col_cores[0].shape[1], -1)  # (r_L d_1, r)
+def _tail_chain(col_cores: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Partial products of a TT table's column cores (r_L, d_1, r) ... (r, d_M, 1): entry j is
+    (r_L d_1 ... d_j, r_j); the last, reshaped (r_L, D), is the tail."""
+    chain = [col_cores[0].reshape(col_cores[0].shape[0] * col_cores[0].shape[1], -1)]
     for core in col_cores[1:]:
-        t = (t @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[-1])
-    r_l = col_cores[0].shape[0]
-    return t.reshape(r_l, -1)
+        chain.append((chain[-1] @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[-1]))
+    return chain
+
+
+def _tail_chain_grads(col_cores, chain, grad_tail: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients of the column cores from the tail's, back through `_tail_chain`."""
+    grads = [None] * len(col_cores)
+    g = grad_tail
+    for j in range(len(col_cores) - 1, 0, -1):
+        core, a = col_cores[j], chain[j - 1]
+        g = g.reshape(a.shape[0], -1)  # (r_L d_1..d_{j-1}, d_j r_j)
+        grads[j] = (a.t() @ g).reshape(core.shape)
+        g = g @ core.reshape(core.shape[0], -1).t()
+    grads[0] = g.reshape(col_cores[0].shape)
+    return grads
 
 
 class _TailProduct(torch.autograd.Function):
-    """rows (B, r_L) @ tail (r_L, D) whose backward reads the output gradient once: the compiled
-    kernel's `tail_backward` forms both gradients per L1-sized block of it, where autograd's two
-    GEMMs read all of it twice (the largest products of a tt lookup: 16 x 128 per row at rank 16)."""
+    """rows (B, r_L) @ tail[:, :width], tail (r_L, D) the product of a tt table's column cores.
+
+    Backward reads the output gradient once (the compiled kernel's `tail_backward` forms the rows'
+    and the tail's gradients per L1-sized block of it, where autograd's two GEMMs read all of it
+    twice: the largest products of a tt lookup, 16 x 128 per row at rank 16), then takes the tail's
+    gradient back to the column cores by hand and, with a fused table optimizer, updates them there
+    like the row cores (autograd's chain of small GEMMs, accumulate nodes and hooks cost 0.3-0.5 ms
+    of a 4 ms step at 8,192 lookups)."""
 
     @staticmethod
-    def forward(ctx, rows, tail):
-        ctx.save_for_backward(rows, tail)
+    def forward(ctx, rows, spec, width, *col_cores):
+        chain = _tail_chain(col_cores)
+        tail = chain[-1].reshape(col_cores[0].shape[0], -1)
+        ctx.spec, ctx.chain, ctx.full_width = spec, chain, tail.shape[1]
+        tail = tail[:, :width]
+        ctx.save_for_backward(rows, tail, *col_cores)
         return rows @ tail
 
     @staticmethod
     def backward(ctx, grad_out):
-        rows, tail = ctx.saved_tensors
-        if tt_kernel.usable(rows) and rows.dtype == tail.dtype == grad_out.dtype:
-            grad_rows, grad_tail = tt_kernel.kernel().tail_backward(grad_out, rows, tail)
+        rows, tail, *col_cores = ctx.saved_tensors
+        g = grad_out.contiguous()
+        if tt_kernel.usable(rows) and rows.dtype == tail.dtype == g.dtype:
+            grad_rows, grad_tail = tt_kernel.kernel().tail_backward(g, rows, tail)
         else:
-            grad_rows, grad_tail = grad_out @ tail.t(), rows.t() @ grad_out
-        return (grad_rows if ctx.needs_input_grad[0] else None), (grad_tail if ctx.needs_input_grad[1] else None)
+            grad_rows, grad_tail = g @ tail.t(), rows.t() @ g
+        grads = [None] * len(col_cores)
+        if any(ctx.needs_input_grad[3:]) and rows.shape[0]:  # no lookup, no update (as with a sparse gradient)
+            if grad_tail.shape[1] < ctx.full_width:  # padded columns: no gradient
+                grad_tail = torch.nn.functional.pad(grad_tail, (0, ctx.full_width - grad_tail.shape[1]))
+            grads = _tail_chain_grads(col_cores, ctx.chain, grad_tail)
+            if ctx.spec.update is not None:  # the fused optimizer: every slice of a column core is touched
+                for j, grad in enumerate(grads):
+                    ctx.spec.update(ctx.spec.first_level + j, torch.arange(grad.shape[1]), grad)
+                grads = [None] * len(col_cores)
+        return (grad_rows if ctx.needs_input_grad[0] else None), None, None, *grads
 
 
-def apply_tail(rows: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
-    """rows @ tail for a tt table's rows (or bags of them) and its tail matrix."""
-    return _TailProduct.apply(rows, tail)
+@dataclass
+class Tail:
+    """A tt table's column cores, applied to rows of width r_L (`tail(rows, width)`): pooling may sum
+    r_L-wide rows first and multiply once per bag. `update`: the fused table optimizer (plain cores
+    only), `first_level`: the factor index of the first column core."""
+
+    cores: list[torch.Tensor]
+    update: object = None
+    first_level: int = 0
+
+    def __call__(self, rows: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        return _TailProduct.apply(rows, self, width, *self.cores)
 
 
 def fused_rows(tensor, ids: torch.Tensor, row_shape, update=None, tree: PrefixTree | None = None,
@@ -227,19 +268,20 @@ def fused_rows(tensor, ids: torch.Tensor, row_shape, update=None, tree: PrefixTr
     per lookup, `rows[inverse]` (bags of one id need no pooling then).
     """
     rows, tail = fused_row_factors(tensor, ids, row_shape, update, tree, inverse)
-    return rows if tail is None else apply_tail(rows, tail)
+    return rows if tail is None else tail(rows)
 
 
 def fused_row_factors(tensor, ids: torch.Tensor, row_shape, update=None, tree: PrefixTree | None = None,
                       inverse: torch.Tensor | None = None):
-    """(rows, tail): the rows of `ids` are `rows @ tail` for a tt tensor (rows (U, r_L) from the
-    row cores, tail (r_L, D) from the column cores), `rows` itself (tail None) for ttm. Linear
-    pooling may sum the r_L-wide rows first and apply the tail once per bag."""
+    """(rows, tail): the rows of `ids` are `tail(rows)` for a tt tensor (rows (U, r_L) from the
+    row cores, `Tail` of the column cores), `rows` itself (tail None) for ttm. Linear pooling may
+    sum the r_L-wide rows first and apply the tail once per bag."""
     cores, plain = lookup_cores(tensor)
     levels = len(row_shape)
+    update = update if plain else None
     tree = tree if tree is not None else PrefixTree.of(ids, row_shape)
     if tensor.format == "tt":
-        row_cores, tail = cores[:levels], tail_matrix(cores[levels:])
+        row_cores, tail = cores[:levels], Tail(cores[levels:], update, levels)
         shapes = [(c.shape[0], 1, c.shape[2]) for c in row_cores]
     else:
         row_cores, tail = cores, None
@@ -248,8 +290,8 @@ def fused_row_factors(tensor, ids: torch.Tensor, row_shape, update=None, tree: P
         width = shapes[-1][2] if tail is not None else math.prod(s[1] for s in shapes)
         return (row_cores[0].sum() * 0).expand(0, width), tail  # keeps the graph: backward gives zeros
     if levels < 2 and inverse is not None:  # one level: rows per distinct id, then the gather
-        return _FusedLookup.apply(tree, shapes, update if plain else None, tail is not None, None, *row_cores)[inverse], tail
-    return _FusedLookup.apply(tree, shapes, update if plain else None, tail is not None, inverse, *row_cores), tail
+        return _FusedLookup.apply(tree, shapes, update, tail is not None, None, *row_cores)[inverse], tail
+    return _FusedLookup.apply(tree, shapes, update, tail is not None, inverse, *row_cores), tail
 
 
 def lookup_cores(tensor) -> tuple[list[torch.Tensor], bool]:
