@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -240,7 +241,7 @@ class _TailProduct(torch.autograd.Function):
             grads = _tail_chain_grads(col_cores, ctx.chain, grad_tail)
             if ctx.spec.update is not None:  # the fused optimizer: every slice of a column core is touched
                 for j, grad in enumerate(grads):
-                    ctx.spec.update(ctx.spec.first_level + j, torch.arange(grad.shape[1]), grad)
+                    ctx.spec.update(ctx.spec.first_level + j, torch.arange(grad.shape[1], device=grad.device), grad)
                 grads = [None] * len(col_cores)
         return (grad_rows if ctx.needs_input_grad[0] else None), None, None, *grads
 
@@ -252,7 +253,7 @@ class Tail:
     only), `first_level`: the factor index of the first column core."""
 
     cores: list[torch.Tensor]
-    update: object = None
+    update: Callable | None = None
     first_level: int = 0
 
     def __call__(self, rows: torch.Tensor, width: int | None = None) -> torch.Tensor:
