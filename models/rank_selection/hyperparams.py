@@ -69,7 +69,9 @@ METHOD_DEFAULTS = {
         "dual_lr": 0.0,
     },
     "lwiq": {
-        "warmup_epochs": 1,  # ordinary training before measuring, so features mean something
+        # ordinary training before measuring, so features mean something; a fraction (e.g. 0.5) stops partway
+        # through the first epoch (a float, so that specs and --param accept fractions)
+        "warmup_epochs": 1.0,
         "measure_batches": 8,  # held-out batches: half imprint the proxy classifiers, half score them
         "pool_features": 512,  # pooled feature size per layer (conv maps keep a coarse grid within it)
         "refit": True,  # start: tensorized: decompose the warmed-up layers at the allocated ranks (False: keep the largest slices)

@@ -7,11 +7,15 @@ only, and a new budget reuses the measurement, which is where the speed-up over
 search methods comes from. The paper has no public code; these are our choices:
 
 - Warm-up: `warmup_epochs` (default 1) of ordinary training before measuring, so
-  features mean something; the remaining epochs train the pruned model. `start` says what
-  trains: "tensorized" (default) the max-rank tensorized model, whose slices are then
-  truncated to the allocated ranks; "dense" (the paper, `preset: paper`) the dense network,
-  which is measured, then decomposed (TT-SVD / HOSVD / CP-ALS) at the allocated ranks and
-  fine-tuned. The dense warm-up counts as rank-search time.
+  features mean something; the remaining epochs train the pruned model. A fraction stops
+  partway through the first epoch and the pruned model trains the rest of it. The warm-up is
+  most of LWIQ's rank-search time: on LeNet-5 (TT 4.5 %) half an epoch took it from 22 s to 12 s
+  (L0 and Bayesian 70-78 s) at -0.08 points, but it cost the MLP 0.29 points in TTM at 2 % (full
+  MNIST) and 0.5 on the demo's 63-step epochs, so one epoch stays the default (README).
+  `start` says what trains: "tensorized" (default) the max-rank tensorized model, whose
+  slices are then truncated to the allocated ranks; "dense" (the paper, `preset: paper`) the
+  dense network, which is measured, then decomposed (TT-SVD / HOSVD / CP-ALS) at the allocated
+  ranks and fine-tuned. The dense warm-up counts as rank-search time.
 - Features: each factorized layer's output (before any activation that follows
   it), caught by forward hooks; layer order is the order they first run, so
   model code that registers modules out of order is still measured in execution
