@@ -177,19 +177,21 @@ def test_distinct_ids_and_tree_equal_torch_unique(rows, shape, n, dtype):
                                                      (2000, 16, [2, 5], 7)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_tail_gradients_equal_autograds(backend, rows, rank, dims, width, dtype):
-    """A tt tail's hand-written backward: one pass over the output gradient (blocks, a ragged last
-    block), padded columns cut, the chain of column cores."""
+    """A tt tail's own forward and hand-written backward: one pass over the output gradient
+    (blocks, a ragged last block), padded columns cut, the chain of column cores."""
     ranks = [rank] + [3] * (len(dims) - 1) + [1]
     cores = [torch.randn(ranks[j], d, ranks[j + 1], dtype=dtype, requires_grad=True) for j, d in enumerate(dims)]
     x = torch.randn(rows, rank, dtype=dtype, requires_grad=True)
     g = torch.randn(rows, width, dtype=dtype)
-    got = torch.autograd.grad((Tail(cores)(x, width) * g).sum(), [x, *cores])
+    out = Tail(cores)(x, width)
+    got = torch.autograd.grad((out * g).sum(), [x, *cores])
     full = cores[0]
     for core in cores[1:]:
         full = torch.einsum("a...r,rds->a...ds", full, core)
-    want = torch.autograd.grad(((x @ full.reshape(rank, -1)[:, :width]) * g).sum(), [x, *cores])
+    want_out = x @ full.reshape(rank, -1)[:, :width]
+    want = torch.autograd.grad((want_out * g).sum(), [x, *cores])
     tol = 1e-4 if dtype == torch.float32 else 1e-12
-    for a, b in zip(got, want):
+    for a, b in zip([out, *got], [want_out, *want]):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 

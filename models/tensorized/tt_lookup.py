@@ -224,6 +224,8 @@ class _TailProduct(torch.autograd.Function):
         ctx.spec, ctx.chain, ctx.full_width = spec, chain, tail.shape[1]
         tail = tail[:, :width]
         ctx.save_for_backward(rows, tail, *col_cores)
+        if tt_kernel.usable(rows) and rows.dtype == tail.dtype:
+            return tt_kernel.kernel().tail_forward(rows, tail)
         return rows @ tail
 
     @staticmethod

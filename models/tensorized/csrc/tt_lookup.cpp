@@ -478,7 +478,35 @@ void tail_backward_blocks(const T* gp, const T* xp, const T* tp, T* gr, T* gt, i
   for (size_t k = 0; k < partial.size(); ++k) gt[k % (r * D)] += partial[k];
 }
 
+template <typename T>
+void tail_forward_rows(const T* x, const T* t, T* out, int64_t B, int64_t r, int64_t D) {
+  const int64_t block = 64;
+  const int64_t blocks = (B + block - 1) / block;
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks)));
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t i = 0; i < blocks; ++i) {
+    const int64_t b = i * block, m = std::min(block, B - b);
+    gemm<T, false>(out + b * D, D, m, D, x + b * r, r, 1, t, D, r);
+  }
+}
+
 }  // namespace
+
+// rows (B x r) @ tail (r x D): register tiles write each output row once, where MKL's sgemm first
+// scales the whole output by beta = 0, a second pass over B x D (4 MB at 8,192 x 128). Equal speed
+// on a hot output buffer; inside a training step, where the buffer comes cold, the tt step went
+// from 3.3-3.7 to 2.9-3.0 ms (A/B, alternating processes, idle machine).
+torch::Tensor tail_forward(torch::Tensor rows, torch::Tensor tail) {
+  TORCH_CHECK(!rows.is_cuda() && rows.dim() == 2 && tail.dim() == 2 && rows.size(1) == tail.size(0) &&
+              rows.scalar_type() == tail.scalar_type(), "tt_lookup: tail_forward(rows (B x r), tail (r x D)) on CPU, one dtype");
+  const auto x = rows.contiguous(), t = tail.contiguous();
+  const int64_t B = x.size(0), r = x.size(1), D = t.size(1);
+  auto out = torch::empty({B, D}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tt_tail_forward", [&] {
+    tail_forward_rows<scalar_t>(x.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, r, D);
+  });
+  return out;
+}
 
 std::vector<torch::Tensor> tail_backward(torch::Tensor grad, torch::Tensor rows, torch::Tensor tail) {
   TORCH_CHECK(!grad.is_cuda() && grad.dim() == 2 && rows.dim() == 2 && tail.dim() == 2 &&
@@ -581,6 +609,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("blocks"), py::arg("digits"), py::arg("parents"), py::arg("order") = py::none(), py::arg("bounds") = py::none());
   m.def("backward", &backward, "fused TT lookup backward: per-block gradients", py::arg("grad_out"), py::arg("xs"),
         py::arg("blocks"), py::arg("digits"), py::arg("parents"), py::arg("order") = py::none(), py::arg("bounds") = py::none());
+  m.def("tail_forward", &tail_forward, "rows @ tail, each output row written once");
   m.def("tail_backward", &tail_backward, "gradients of rows @ tail: (G @ tail^T, rows^T @ G) in one pass");
   m.def("prefix_tree", &prefix_tree, "distinct ids, inverse, and the prefix tree of their row digits");
 }
