@@ -74,13 +74,17 @@ def test_forward_and_core_grads_equal_the_einsum_path(fmt, cores, mode):
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
 def test_one_id_bags_write_rows_per_lookup(fmt, cores, mode):
     """Bags of one id each (DLRM's features): the lookup writes every bag's row itself and sums a
-    repeated id's gradients; equal to the einsum path with its pooling, with and without a last offset."""
-    ids = torch.cat([BAGS[0], BAGS[0][:5]]) % SHAPES[cores][0]  # ids looked up up to 4 times
+    repeated id's gradients; equal to the einsum path with its pooling, with and without a last offset.
+    Mostly repeated ids take tt's tail per distinct id (TAIL_PER_ID_BELOW), mostly distinct ones not."""
+    repeated = torch.cat([BAGS[0], BAGS[0][:5]]) % SHAPES[cores][0]  # ids looked up up to 4 times
+    distinct = torch.randperm(SHAPES[cores][0])[:20]
+    distinct[-1] = distinct[0]
     bag = _bag(fmt, cores, mode)
-    for offsets in (torch.arange(ids.numel()), torch.arange(ids.numel() + 1)):
-        bag.include_last_offset = offsets.numel() > ids.numel()
-        _assert_same(_run(bag, True, ids, offsets), _run(bag, False, ids, offsets))
-        _assert_same(_run(bag, True, ids.int(), offsets), _run(bag, False, ids, offsets))
+    for ids in (repeated, distinct):
+        for offsets in (torch.arange(ids.numel()), torch.arange(ids.numel() + 1)):
+            bag.include_last_offset = offsets.numel() > ids.numel()
+            _assert_same(_run(bag, True, ids, offsets), _run(bag, False, ids, offsets))
+            _assert_same(_run(bag, True, ids.int(), offsets), _run(bag, False, ids, offsets))
 
 
 @pytest.mark.parametrize("fmt", ["tt", "ttm"])
@@ -193,6 +197,28 @@ def test_tail_gradients_equal_autograds(backend, rows, rank, dims, width, dtype)
     tol = 1e-4 if dtype == torch.float32 else 1e-12
     for a, b in zip([out, *got], [want_out, *want]):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("distinct, lookups", [(1, 1), (5, 40), (70, 70), (300, 1000)])
+def test_tail_rows_per_lookup(backend, distinct, lookups):
+    """The kernel's tail from distinct rows straight to each lookup's row (repeats multiplied once,
+    their gradients summed first) equals (rows @ tail)[inverse] under autograd."""
+    if backend == "torch":
+        pytest.skip("rows per lookup are the compiled kernel's")
+    cores = [torch.randn(6, 4, 3, dtype=torch.float64, requires_grad=True),
+             torch.randn(3, 5, 1, dtype=torch.float64, requires_grad=True)]
+    rows = torch.randn(distinct, 6, dtype=torch.float64, requires_grad=True)
+    inverse = torch.cat([torch.arange(distinct), torch.randint(0, distinct, (lookups - distinct,))])
+    inverse = inverse[torch.randperm(lookups)]
+    tree = PrefixTree([], [], [distinct])
+    tree.group_lookups(inverse)
+    g = torch.randn(lookups, 19, dtype=torch.float64)
+    out = Tail(cores, lookups=(tree.order, tree.bounds))(rows, 19)
+    got = torch.autograd.grad((out * g).sum(), [rows, *cores])
+    want_out = (rows @ torch.einsum("adr,res->ades", *cores).reshape(6, -1)[:, :19])[inverse]
+    want = torch.autograd.grad((want_out * g).sum(), [rows, *cores])
+    for a, b in zip([out, *got], [want_out, *want]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("fmt", ["tt", "ttm"])

@@ -450,76 +450,117 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_out, std::vector<torch::T
   return grads;
 }
 
-// Backward of rows (B x r) @ tail (r x D), a tt table's column-core product applied to every
-// looked-up row or bag: grad_rows = G @ tail^T and grad_tail = rows^T @ G in one pass over the
-// gradient G (B x D, 4 MB at 8,192 x 128) in blocks that stay in L1, where two BLAS calls read all
-// of it twice: 0.88 -> 0.75 ms at 8,192 x 16 x 128 (one thread, hot caches), a tt step 8 % faster.
-// Threads take blocks; each sums its own grad_tail (r x D), added up at the end.
+// A tt table's tail: rows (U x r) @ tail (r x D), the column cores' product applied to every
+// distinct row (or bag). With lookups (`order`, `bounds`, as the lookup's leaf level takes them) the
+// rows are the batch's distinct ids and each product row goes to every lookup of its id, so a
+// repeated id is multiplied once (Zipf batches: 3,317 distinct of 8,192) and its lookups' output
+// gradients are summed before the backward's products. Blocks of rows stay in L1 (16 KB).
 namespace {
 
 template <typename T>
-void tail_backward_blocks(const T* gp, const T* xp, const T* tp, T* gr, T* gt, int64_t B, int64_t D, int64_t r) {
-  const int64_t block = std::max<int64_t>(4, (int64_t(16) << 10) / (D * int64_t(sizeof(T))));
-  const int64_t blocks = (B + block - 1) / block;
+int64_t tail_block(int64_t D) {
+  return std::max<int64_t>(4, (int64_t(16) << 10) / (D * int64_t(sizeof(T))));
+}
+
+// out rows (one per row, or per lookup) = rows @ tail: register tiles write each product row once,
+// where MKL's sgemm first scales its whole output by beta = 0, a second pass over the 4 MB output
+// (equal on a hot buffer; in a training step, where it comes cold: tt step 3.3-3.7 -> 2.9-3.0 ms).
+template <typename T>
+void tail_forward_rows(const T* x, const T* t, T* out, int64_t U, int64_t r, int64_t D, const Lookups& lookups) {
+  const int64_t block = tail_block<T>(D), blocks = (U + block - 1) / block;
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks)));
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    std::vector<T> buf(lookups.order ? block * D : 0);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < blocks; ++i) {
+      const int64_t b = i * block, m = std::min(block, U - b);
+      if (!lookups.order) {
+        gemm<T, false>(out + b * D, D, m, D, x + b * r, r, 1, t, D, r);
+        continue;
+      }
+      gemm<T, false>(buf.data(), D, m, D, x + b * r, r, 1, t, D, r);
+      for (int64_t u = 0; u < m; ++u)
+        for (int64_t j = lookups.bounds[b + u]; j < lookups.bounds[b + u + 1]; ++j)
+          std::copy(buf.data() + u * D, buf.data() + (u + 1) * D, out + lookups.order[j] * D);
+    }
+  }
+}
+
+// grad_rows = G @ tail^T and grad_tail = rows^T @ G in one pass over the output gradient G, where
+// two BLAS calls read all of it twice (0.88 -> 0.75 ms at 8,192 x 16 x 128). With lookups, G's
+// rows of one id are summed into the block first. Threads sum grad_tail each on their own.
+template <typename T>
+void tail_backward_rows(const T* gp, const T* xp, const T* tp, T* gr, T* gt, int64_t U, int64_t D, int64_t r,
+                        const Lookups& lookups) {
+  const int64_t block = tail_block<T>(D), blocks = (U + block - 1) / block;
   const int threads = int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks)));
   std::vector<T> partial(size_t(threads - 1) * r * D, T(0));  // threads 1, 2, ...: their own sums
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t i = 0; i < blocks; ++i) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    std::vector<T> buf(lookups.order ? block * D : 0);
 #ifdef _OPENMP
     const int thread = omp_get_thread_num();
 #else
     const int thread = 0;
 #endif
     T* sum = thread == 0 ? gt : partial.data() + (thread - 1) * r * D;
-    const int64_t b = i * block, m = std::min(block, B - b);
-    gemm<T, false>(gr + b * r, r, m, r, gp + b * D, D, 1, tp, r, D);  // grad_rows[b..] = G[b..] @ tail^T
-    gemm<T, true>(sum, D, r, D, xp + b * r, 1, r, gp + b * D, D, m);  // grad_tail += rows[b..]^T @ G[b..]
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < blocks; ++i) {
+      const int64_t b = i * block, m = std::min(block, U - b);
+      const T* g = gp + b * D;
+      if (lookups.order) {  // each id's gradient: its lookups' rows summed
+        for (int64_t u = 0; u < m; ++u) {
+          T* row = buf.data() + u * D;
+          const int64_t lo = lookups.bounds[b + u], hi = lookups.bounds[b + u + 1];
+          std::copy(gp + lookups.order[lo] * D, gp + (lookups.order[lo] + 1) * D, row);
+          for (int64_t j = lo + 1; j < hi; ++j) {
+            const T* more = gp + lookups.order[j] * D;
+            for (int64_t c = 0; c < D; ++c) row[c] += more[c];
+          }
+        }
+        g = buf.data();
+      }
+      gemm<T, false>(gr + b * r, r, m, r, g, D, 1, tp, r, D);  // grad_rows[b..] = G[b..] @ tail^T
+      gemm<T, true>(sum, D, r, D, xp + b * r, 1, r, g, D, m);  // grad_tail += rows[b..]^T @ G[b..]
+    }
   }
   for (size_t k = 0; k < partial.size(); ++k) gt[k % (r * D)] += partial[k];
 }
 
-template <typename T>
-void tail_forward_rows(const T* x, const T* t, T* out, int64_t B, int64_t r, int64_t D) {
-  const int64_t block = 64;
-  const int64_t blocks = (B + block - 1) / block;
-  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks)));
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t i = 0; i < blocks; ++i) {
-    const int64_t b = i * block, m = std::min(block, B - b);
-    gemm<T, false>(out + b * D, D, m, D, x + b * r, r, 1, t, D, r);
-  }
-}
-
 }  // namespace
 
-// rows (B x r) @ tail (r x D): register tiles write each output row once, where MKL's sgemm first
-// scales the whole output by beta = 0, a second pass over B x D (4 MB at 8,192 x 128). Equal speed
-// on a hot output buffer; inside a training step, where the buffer comes cold, the tt step went
-// from 3.3-3.7 to 2.9-3.0 ms (A/B, alternating processes, idle machine).
-torch::Tensor tail_forward(torch::Tensor rows, torch::Tensor tail) {
+torch::Tensor tail_forward(torch::Tensor rows, torch::Tensor tail, c10::optional<torch::Tensor> order,
+                           c10::optional<torch::Tensor> bounds) {
   TORCH_CHECK(!rows.is_cuda() && rows.dim() == 2 && tail.dim() == 2 && rows.size(1) == tail.size(0) &&
-              rows.scalar_type() == tail.scalar_type(), "tt_lookup: tail_forward(rows (B x r), tail (r x D)) on CPU, one dtype");
+              rows.scalar_type() == tail.scalar_type(), "tt_lookup: tail_forward(rows (U x r), tail (r x D)) on CPU, one dtype");
+  const Lookups lookups = lookups_of(order, bounds);
   const auto x = rows.contiguous(), t = tail.contiguous();
-  const int64_t B = x.size(0), r = x.size(1), D = t.size(1);
-  auto out = torch::empty({B, D}, x.options());
+  const int64_t U = x.size(0), r = x.size(1), D = t.size(1);
+  TORCH_CHECK(!lookups.order || bounds->numel() == U + 1, "tt_lookup: bounds (U + 1) for U rows");
+  auto out = torch::empty({lookups.order ? lookups.count : U, D}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tt_tail_forward", [&] {
-    tail_forward_rows<scalar_t>(x.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, r, D);
+    tail_forward_rows<scalar_t>(x.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), U, r, D, lookups);
   });
   return out;
 }
 
-std::vector<torch::Tensor> tail_backward(torch::Tensor grad, torch::Tensor rows, torch::Tensor tail) {
+std::vector<torch::Tensor> tail_backward(torch::Tensor grad, torch::Tensor rows, torch::Tensor tail,
+                                         c10::optional<torch::Tensor> order, c10::optional<torch::Tensor> bounds) {
+  const Lookups lookups = lookups_of(order, bounds);
   TORCH_CHECK(!grad.is_cuda() && grad.dim() == 2 && rows.dim() == 2 && tail.dim() == 2 &&
-              grad.size(0) == rows.size(0) && rows.size(1) == tail.size(0) && grad.size(1) == tail.size(1) &&
-              grad.scalar_type() == rows.scalar_type() && rows.scalar_type() == tail.scalar_type(),
-              "tt_lookup: tail_backward(grad (B x D), rows (B x r), tail (r x D)) on CPU, one dtype");
+              grad.size(0) == (lookups.order ? lookups.count : rows.size(0)) && rows.size(1) == tail.size(0) &&
+              grad.size(1) == tail.size(1) && grad.scalar_type() == rows.scalar_type() &&
+              rows.scalar_type() == tail.scalar_type(),
+              "tt_lookup: tail_backward(grad (B x D), rows (U x r), tail (r x D)) on CPU, one dtype");
+  TORCH_CHECK(!lookups.order || bounds->numel() == rows.size(0) + 1, "tt_lookup: bounds (U + 1) for U rows");
   const auto g = grad.contiguous(), x = rows.contiguous(), tail_t = tail.t().contiguous();  // (D x r)
-  const int64_t B = g.size(0), D = g.size(1), r = x.size(1);
-  auto grad_rows = torch::empty({B, r}, g.options());
+  const int64_t U = x.size(0), D = g.size(1), r = x.size(1);
+  auto grad_rows = torch::empty({U, r}, g.options());
   auto grad_tail = torch::zeros({r, D}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "tt_tail_backward", [&] {
-    tail_backward_blocks<scalar_t>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), tail_t.data_ptr<scalar_t>(),
-                                   grad_rows.data_ptr<scalar_t>(), grad_tail.data_ptr<scalar_t>(), B, D, r);
+    tail_backward_rows<scalar_t>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), tail_t.data_ptr<scalar_t>(),
+                                 grad_rows.data_ptr<scalar_t>(), grad_tail.data_ptr<scalar_t>(), U, D, r, lookups);
   });
   return {grad_rows, grad_tail};
 }
@@ -609,7 +650,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("blocks"), py::arg("digits"), py::arg("parents"), py::arg("order") = py::none(), py::arg("bounds") = py::none());
   m.def("backward", &backward, "fused TT lookup backward: per-block gradients", py::arg("grad_out"), py::arg("xs"),
         py::arg("blocks"), py::arg("digits"), py::arg("parents"), py::arg("order") = py::none(), py::arg("bounds") = py::none());
-  m.def("tail_forward", &tail_forward, "rows @ tail, each output row written once");
-  m.def("tail_backward", &tail_backward, "gradients of rows @ tail: (G @ tail^T, rows^T @ G) in one pass");
+  m.def("tail_forward", &tail_forward, "rows @ tail, each product row written once (or to each of its lookups)",
+        py::arg("rows"), py::arg("tail"), py::arg("order") = py::none(), py::arg("bounds") = py::none());
+  m.def("tail_backward", &tail_backward, "gradients of rows @ tail: (G @ tail^T, rows^T @ G) in one pass",
+        py::arg("grad"), py::arg("rows"), py::arg("tail"), py::arg("order") = py::none(), py::arg("bounds") = py::none());
   m.def("prefix_tree", &prefix_tree, "distinct ids, inverse, and the prefix tree of their row digits");
 }
