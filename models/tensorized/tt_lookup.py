@@ -16,10 +16,10 @@ of what the FLOPs allow. This path follows EL-Rec (SC'22):
   backward-optimizer), so the step costs in proportion to the batch.
 
 Layouts: a TTM table has L cores (r_{k-1}, n_k, d_k, r_k); a TT table has L row cores
-(r_{k-1}, n_k, r_k) then column cores whose product (r_L, D) is a shared `tail` matrix (computed
-through ordinary autograd: it does not depend on the ids; a bag sums its r_L-wide rows before the
-tail, 8x less pooling traffic than 128-wide rows at rank 16; `Tail` multiplies, with a backward
-that reads the output gradient once and updates the column cores itself). Masks,
+(r_{k-1}, n_k, r_k) then column cores whose product (r_L, D) is a shared `tail` matrix (it does
+not depend on the ids; a bag sums its r_L-wide rows before the tail, 8x less pooling traffic than
+128-wide rows at rank 16; `Tail` multiplies, with its own backward that reads the output gradient
+once and updates the column cores itself, and multiplies a repeated id once). Masks,
 `slice_gates` and `factor_sampler` are applied to the cores before the lookup (`lookup_cores`), so
 every rank method keeps driving these tables; only the plain case (no gate, all masks on) takes
 the fused optimizer, the others hand dense core gradients to autograd.
