@@ -220,6 +220,17 @@ struct Lookups {
   int64_t count = 0;
 };
 
+// dst[0, width) = the sum of g's rows of distinct id u's lookups (one lookup: a copy of its row)
+template <typename T>
+inline void sum_lookup_rows(T* dst, const T* g, const Lookups& lookups, int64_t u, int64_t width) {
+  const int64_t lo = lookups.bounds[u], hi = lookups.bounds[u + 1];
+  std::copy(g + lookups.order[lo] * width, g + (lookups.order[lo] + 1) * width, dst);
+  for (int64_t j = lo + 1; j < hi; ++j) {
+    const T* row = g + lookups.order[j] * width;
+    for (int64_t c = 0; c < width; ++c) dst[c] += row[c];
+  }
+}
+
 template <typename scalar_t>
 void forward_level(const torch::Tensor& prev, const torch::Tensor& block, const torch::Tensor& digits,
                    const torch::Tensor& parents, torch::Tensor& out, int64_t D, int64_t r, int64_t W,
@@ -300,18 +311,15 @@ std::vector<const T*> gradient_rows(const T* g, int64_t P, int64_t width, const 
   }
   int64_t repeated = 0;
   for (int64_t p = 0; p < P; ++p) repeated += lookups.bounds[p + 1] - lookups.bounds[p] > 1;
-  sums.assign(repeated * width, T(0));
+  sums.resize(repeated * width);
   T* sum = sums.data();
   for (int64_t p = 0; p < P; ++p) {
-    const int64_t lo = lookups.bounds[p], hi = lookups.bounds[p + 1];
-    if (hi - lo == 1) {
+    const int64_t lo = lookups.bounds[p];
+    if (lookups.bounds[p + 1] - lo == 1) {
       rows[p] = g + lookups.order[lo] * width;
       continue;
     }
-    for (int64_t j = lo; j < hi; ++j) {
-      const T* row = g + lookups.order[j] * width;
-      for (int64_t c = 0; c < width; ++c) sum[c] += row[c];
-    }
+    sum_lookup_rows(sum, g, lookups, p, width);
     rows[p] = sum;
     sum += width;
   }
@@ -510,15 +518,7 @@ void tail_backward_rows(const T* gp, const T* xp, const T* tp, T* gr, T* gt, int
       const int64_t b = i * block, m = std::min(block, U - b);
       const T* g = gp + b * D;
       if (lookups.order) {  // each id's gradient: its lookups' rows summed
-        for (int64_t u = 0; u < m; ++u) {
-          T* row = buf.data() + u * D;
-          const int64_t lo = lookups.bounds[b + u], hi = lookups.bounds[b + u + 1];
-          std::copy(gp + lookups.order[lo] * D, gp + (lookups.order[lo] + 1) * D, row);
-          for (int64_t j = lo + 1; j < hi; ++j) {
-            const T* more = gp + lookups.order[j] * D;
-            for (int64_t c = 0; c < D; ++c) row[c] += more[c];
-          }
-        }
+        for (int64_t u = 0; u < m; ++u) sum_lookup_rows(buf.data() + u * D, gp, lookups, b + u, D);
         g = buf.data();
       }
       gemm<T, false>(gr + b * r, r, m, r, g, D, 1, tp, r, D);  // grad_rows[b..] = G[b..] @ tail^T
