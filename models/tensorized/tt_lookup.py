@@ -130,24 +130,32 @@ class _FusedLookup(torch.autograd.Function):
         if ctx.compiled:  # the touched digits of each level and their block gradients
             out = tt_kernel.kernel().backward(g, nodes, blocks, tree.digits, _parents(tree), *ctx.lookups)
             block_grads, touched = out[:levels], out[levels:]
-        else:
+        else:  # every digit's block gradient (touched None)
             if ctx.inverse is not None:  # per-lookup rows: sum each distinct id's lookups
                 g = g.new_zeros(tree.sizes[-1], g.shape[1]).index_add_(0, ctx.inverse, g)
-            touched = [torch.unique(d) for d in tree.digits]
-            block_grads = [gb.index_select(0, t) for gb, t in zip(_backward_torch(tree, nodes, blocks, g), touched)]
+            block_grads, touched = _backward_torch(tree, nodes, blocks, g), [None] * levels
         grads = []
         for k, (digits, gblock) in enumerate(zip(touched, block_grads)):
             if not ctx.needs_input_grad[5 + k]:
                 grads.append(None)
                 continue
             shape = ctx.core_shapes[k]
-            slices = gblock.reshape(-1, *_slice_shape(shape)).movedim(0, 1)  # (r_{k-1}, T_k, ...)
             if ctx.update is not None:  # the fused optimizer: touched slices only, no gradient for autograd
-                ctx.update(k, digits, slices)
+                if digits is None:
+                    digits = torch.bincount(tree.digits[k], minlength=shape[1]).nonzero().flatten()  # sorted, no sort
+                    gblock = gblock.index_select(0, digits)
+                ctx.update(k, digits, _slices(gblock, shape))
                 grads.append(None)
+            elif digits is None:
+                grads.append(_slices(gblock, shape))
             else:
-                grads.append(slices.new_zeros(shape).index_copy_(1, digits, slices))
+                grads.append(gblock.new_zeros(shape).index_copy_(1, digits, _slices(gblock, shape)))
         return (None, None, None, None, None, *grads)
+
+
+def _slices(gblock: torch.Tensor, core_shape) -> torch.Tensor:
+    """Block gradients (T, r_{k-1}, W_k) as the core's slices (r_{k-1}, T, [d_k,] r_k)."""
+    return gblock.reshape(-1, *_slice_shape(core_shape)).movedim(0, 1)
 
 
 def _slice_shape(core_shape) -> tuple:
