@@ -118,12 +118,13 @@ def compress(model: nn.Module, train_data, val_data, *, method: str = "l0", form
              epochs: int = 5, init: str = "random", loss=None, metric=None, step=None, include=None, exclude=None,
              max_rank: int = 16, method_params: dict | None = None, device: str = "auto", progress: bool = True,
              train: dict | None = None, min_params: int = 1024, test_data=None, metric_name: str | None = None,
-             metric_mode: str = "max", seed: int = 0, on_epoch=None) -> CompressResult:
+             metric_mode: str = "max", seed: int = 0, on_epoch=None, shapes: dict | None = None) -> CompressResult:
     """Compress `model` (left untouched) with `method` to `budget` in `format`; see README
     "Compress your own model". `epochs` is the total number of training epochs (`train` may set
     lr, optimizer, finetune_epochs, ...). `metric(model, batches) -> float` (default accuracy)
     is named `metric_name` (default its __name__); `step(model, batch) -> loss` replaces
-    `loss(outputs, targets)` for batches that are not (inputs, targets)."""
+    `loss(outputs, targets)` for batches that are not (inputs, targets). `shapes` sets layers'
+    mode shapes by name (`tensorize`)."""
     from .train import _check_train_config, resolve_device, run_record, seed_everything
     from .trainer import Trainer
 
@@ -147,7 +148,7 @@ def compress(model: nn.Module, train_data, val_data, *, method: str = "l0", form
         raise ValueError(f"model: no layer can be factorized ({reasons})")
 
     def tensorize_targets(target_net, fmt, rank, start):
-        tensorize(target_net, format=fmt, max_rank=rank, init=start, include=targets, min_params=0)
+        tensorize(target_net, format=fmt, max_rank=rank, init=start, include=targets, min_params=0, shapes=shapes)
         guard_fast_paths(target_net)
         return factorized_layers(target_net)
 
@@ -159,6 +160,8 @@ def compress(model: nn.Module, train_data, val_data, *, method: str = "l0", form
     run = Run(net=net, task=task, trainer=trainer, cfg=cfg, format=format, budget=budget, init=init,
               method_params=dict(method_params or {}), tensorize=tensorize_targets, dense_reference=dense_reference,
               probe=lambda: tensorize_targets(copy.deepcopy(net), format, max_rank, "random"))
+    if shapes is not None and strategy.compresses:
+        run.probe()  # a bad layer name or shape fails here, not after a dense phase (posthoc, lwiq start: dense)
     strategy.run(run)
     net.eval()
     record = run_record(run, strategy, task.evaluate(net), wall_start)

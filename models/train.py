@@ -67,10 +67,10 @@ def make_task(model_name: str, data, cfg: dict, device: torch.device):
     return ClassificationTask(data, batch_size=cfg["batch_size"], seed=cfg["seed"], device=device)
 
 
-def _tensorize(net, fmt, max_rank, init="random") -> dict:
+def _tensorize(net, fmt, max_rank, init="random", shapes=None) -> dict:
     # a model may restrict which of its layers tensorize may replace (DLRM: its tables are factorized
     # at construction; only the MLPs, if asked, or after a dense build the large tables)
-    tensorize(net, format=fmt, max_rank=max_rank, init=init, **getattr(net, "tensorize_options", {}))
+    tensorize(net, format=fmt, max_rank=max_rank, init=init, shapes=shapes, **getattr(net, "tensorize_options", {}))
     layers = factorized_layers(net)
     if not layers:
         raise ValueError("model: no layer is large enough to tensorize (tensorize's min_params)")
@@ -81,12 +81,13 @@ def fit(*, model: str = "mlp", dataset: str = "digits", method: str = "fixed", f
         budget=0.1, train: dict | None = None, method_params: dict | None = None, data=None,
         dataset_options: dict | None = None, model_options: dict | None = None, device: str = "auto",
         on_epoch=None, progress: bool = False, save: str | None = None, trainer_cls=Trainer,
-        init: str = "random", checkpoint: str | None = None) -> dict:
+        init: str = "random", checkpoint: str | None = None, shapes: dict | None = None) -> dict:
     """Train one model with one method at one budget; returns the run record.
 
     `init="pretrained"` starts from `checkpoint` (a state_dict of the dense model, read with
     weights_only=True): the strategies then decompose the trained layers (models/strategies.py).
     `model_options` go to the model's builder (e.g. dlrm: embedding_dim, min_rows, dense_arch, ...).
+    `shapes` sets layers' mode shapes by name ({"1": {"in_shape": [4, 7, 4, 7], "out_shape": [4, 4, 8, 4]}}).
     `trainer_cls` runs the epochs (models.distributed swaps in a sharded trainer).
     """
     wall_start = time.perf_counter()
@@ -130,8 +131,11 @@ def fit(*, model: str = "mlp", dataset: str = "digits", method: str = "fixed", f
     net = net.to(dev)
     trainer = trainer_cls(net, task, cfg, on_epoch, progress)
     run = Run(net=net, task=task, trainer=trainer, cfg=cfg, format=format, budget=budget, init=init,
-              dense_reference=dense_reference, method_params=dict(method_params or {}), tensorize=_tensorize,
-              probe=lambda: _tensorize(build_model(model, **model_kwargs(format)), format, cfg["max_rank"]))
+              dense_reference=dense_reference, method_params=dict(method_params or {}),
+              tensorize=lambda net, fmt, rank, start="random": _tensorize(net, fmt, rank, start, shapes),
+              probe=lambda: _tensorize(build_model(model, **model_kwargs(format)), format, cfg["max_rank"], shapes=shapes))
+    if shapes is not None and strategy.compresses:
+        run.probe()  # a bad layer name or shape fails here, not after a dense phase (posthoc, lwiq start: dense)
     strategy.run(run)
     record = run_record(run, strategy, task.evaluate(net), wall_start)
     record = {"model": model, "dataset": dataset if isinstance(dataset, str) else getattr(data, "name", "custom"),

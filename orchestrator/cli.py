@@ -37,7 +37,7 @@ def _count(minimum: int):
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # schema path of a value -> the flag that set it, for error messages
 FLAGS = {"models[0]": "--model", "formats[0]": "--format", "budgets[0]": "--budget", "dataset_options.": "--dataset-option ",
-         "model_options.": "--model-option ", "dataset": "--dataset", "train.": "--"}
+         "model_options.": "--model-option ", "dataset": "--dataset", "train.": "--", "shapes.": "--shape "}
 
 
 def _key_values(pairs: list[str] | None, flag: str) -> dict:
@@ -82,6 +82,8 @@ def _add_train(sub) -> None:
                    help="dataset loader option, e.g. num_samples=20000 for synthetic-criteo (repeatable)")
     p.add_argument("--model-option", action="append", metavar="NAME=VALUE",
                    help="model builder option, e.g. embedding_dim=64 or tensorize_mlp=true for dlrm (repeatable)")
+    p.add_argument("--shape", action="append", metavar="LAYER=JSON",
+                   help='mode shapes of one layer, e.g. 1=\'{"in_shape": [4, 7, 4, 7], "out_shape": [4, 4, 8, 4]}\' (repeatable)')
     p.add_argument("--device", default="auto")
     p.add_argument("--json", metavar="OUT", help="write the result record here")
     p.add_argument("--save", metavar="PATH", help="save the compressed model (torch.load weights_only=True)")
@@ -102,13 +104,14 @@ def cmd_train(args) -> int:
         options["max_train"] = args.max_train
     method_params = _key_values(args.param, "--param")
     model_options = _key_values(args.model_option, "--model-option")
-    budget = _check_run(args, train, method_params, options, model_options)
+    shapes = _key_values(args.shape, "--shape") or None
+    budget = _check_run(args, train, method_params, options, model_options, shapes)
     if args.seed is not None:
         train["seed"] = args.seed
     record = fit(model=args.model, dataset=args.dataset, method=args.method, format=args.format,
                  budget=budget, train=train, method_params=method_params,
                  device=args.device, dataset_options=options, model_options=model_options,
-                 progress=not args.quiet, save=args.save)
+                 progress=not args.quiet, save=args.save, shapes=shapes)
     _print_record(record)
     if args.json:
         with open(args.json, "w") as f:
@@ -116,7 +119,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _check_run(args, train: dict, method_params: dict, options: dict, model_options: dict):
+def _check_run(args, train: dict, method_params: dict, options: dict, model_options: dict, shapes: dict | None = None):
     """The spec schema's checks on the CLI's values (one rule for both), the preflight checks,
     device and output paths, all before training; returns the budget in `fit`'s terms."""
     from ranksearch.search_spaces import SpecError, load_spec
@@ -126,7 +129,7 @@ def _check_run(args, train: dict, method_params: dict, options: dict, model_opti
 
     raw = {"name": "train", "models": [args.model], "dataset": args.dataset, "dataset_options": options,
            "model_options": model_options, "formats": [args.format], "methods": {args.method: method_params},
-           "budgets": [args.budget], "train": train}
+           "budgets": [args.budget], "train": train, "shapes": {args.model: shapes} if shapes else None}
     try:
         spec = load_spec(raw)
         preflight(spec)
@@ -148,6 +151,8 @@ def _flag(line: str) -> str:
             name = where[len(prefix):]
             if prefix == "train.":
                 name = name.replace("_", "-")
+            if prefix == "shapes.":  # shapes.MODEL.LAYER...: the CLI has one model
+                name = name.partition(".")[2]
             return f"{flag}{name}{sep}{message}"
     if line.startswith("methods."):
         where, sep, message = line.partition(": ")

@@ -78,7 +78,8 @@ def _train(slot: Slot, config: dict, plan: Plan) -> dict:
 
     fit_kwargs = {"model": base["model"], "dataset": base["dataset"], "method": base["method"],
                   "format": base["format"], "budget": fit_budget(slot.cell["budget"]), "train": train,
-                  "method_params": method_params, "model_options": plan.spec.get("model_options") or {}}
+                  "method_params": method_params, "model_options": plan.spec.get("model_options") or {},
+                  "shapes": (plan.spec.get("shapes") or {}).get(base["model"])}
     start = time.perf_counter()
     try:
         result = _fit(plan, slot, fit_kwargs, on_epoch)
@@ -157,7 +158,8 @@ def _fit_user(plan: Plan, slot: Slot, fit_kwargs: dict, on_epoch) -> dict:
     result = compress(net, data["train"], data["val"], test_data=data["test"], method=fit_kwargs["method"],
                       format=fit_kwargs["format"], budget=fit_kwargs["budget"], epochs=epochs, init=spec["init"],
                       max_rank=max_rank, seed=seed, train=train, method_params=fit_kwargs["method_params"],
-                      progress=False, on_epoch=on_epoch, **(task_options(task) if task is not None else {}))
+                      progress=False, on_epoch=on_epoch, shapes=fit_kwargs["shapes"],
+                      **(task_options(task) if task is not None else {}))
     record = result.record | {"model": label, "dataset": spec["dataset"], "model_options": spec["model_options"]}
     source = {"kind": "import", "path": label} if is_import_path(label) else {"kind": "module", "class": label}
     if fit_kwargs["method"] != "dense":

@@ -48,7 +48,7 @@ SCHEDULERS = ("fifo", "asha")
 
 SECTIONS = (
     "name", "description", "models", "dataset", "dataset_options", "model_options", "formats", "methods",
-    "budgets", "train", "search", "resources", "objectives", "storage", "task", "init", "checkpoint",
+    "budgets", "train", "search", "resources", "objectives", "storage", "task", "init", "checkpoint", "shapes",
 )  # fmt: skip
 INITS = ("random", "pretrained")
 TASK_METRIC = "task.metric"  # an objective naming the task's own metric (its metric_name and metric_mode)
@@ -116,6 +116,7 @@ def validate(raw: Any, *, default_name: str = "search", source: str | None = Non
         "task": task,
         "init": check(raw.get("init", "random"), Scalar(str, choices=INITS), "init", errors),
         "checkpoint": _checkpoint(raw.get("checkpoint"), models, errors),
+        "shapes": _shapes(raw.get("shapes"), models, errors),
     }
     _check_init(spec, errors)
     _check_search(spec, errors)
@@ -228,6 +229,43 @@ def _checkpoint(value: Any, models: list, errors: Errors):
         elif not isinstance(path, str):
             errors.add(join("checkpoint", str(model)), f"expected a path, got {path!r}")
     return dict(value)
+
+
+SHAPE_FIELDS = ("in_shape", "out_shape", "shape")
+
+
+def _shapes(value: Any, models: list, errors: Errors) -> dict:
+    """model -> layer name -> {in_shape, out_shape} (tables: shape [rows, dims]) of lists of positive
+    integers. Whether the layer exists and the factors cover its size is checked when its trial builds it."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        errors.add("shapes", f"expected a mapping model -> layer name -> {{in_shape, out_shape}}, got {value!r}")
+        return {}
+    for model, layers in value.items():
+        where = join("shapes", str(model))
+        if model not in models:
+            errors.add(where, f"not one of the spec's models ({', '.join(map(str, models))})")
+        elif not isinstance(layers, Mapping) or not layers:
+            errors.add(where, f"expected a mapping layer name -> {{in_shape, out_shape}}, got {layers!r}")
+        else:
+            for layer, given in layers.items():
+                _layer_shape(given, join(where, str(layer)), errors)
+    return {str(model): dict(layers) for model, layers in value.items() if isinstance(layers, Mapping)}
+
+
+def _layer_shape(given: Any, where: str, errors: Errors) -> None:
+    if not isinstance(given, Mapping) or not given:
+        errors.add(where, f"expected a mapping with {', '.join(SHAPE_FIELDS)}, got {given!r}")
+        return
+    check_keys(given, SHAPE_FIELDS, where, errors)
+    for key, factors in given.items():
+        nested = key == "shape"  # a table's [row factors, dim factors]
+        lists = factors if nested and isinstance(factors, list) and len(factors) == 2 else [factors]
+        if not all(isinstance(f, list) and f and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1
+                                                     for x in f) for f in lists):
+            expected = "[[row factors], [dim factors]]" if nested else "a list of positive integers"
+            errors.add(join(where, str(key)), f"expected {expected}, got {factors!r}")
 
 
 def _check_init(spec: dict, errors: Errors) -> None:

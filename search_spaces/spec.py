@@ -35,6 +35,7 @@ class Spec:
     task: str | None = None  # import path of the task (loss, metric, step), or "python"
     init: str = "random"  # random | pretrained (every trial starts from `checkpoint`)
     checkpoint: str | dict | None = None
+    shapes: dict = dataclasses.field(default_factory=dict)  # model -> layer name -> {in_shape, out_shape}
 
     def to_dict(self) -> dict:
         """A deep plain copy (JSON-serializable) that load_spec accepts back unchanged."""

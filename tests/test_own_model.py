@@ -210,6 +210,21 @@ def test_bad_arguments_are_clear_errors(project, datasets, kwargs, message):
         ranksearch.compress(args.pop("model"), args.pop("train_data"), args.pop("val_data"), **args)
 
 
+def test_shapes_set_a_layers_modes_and_a_bad_one_fails_before_any_training(project, datasets):
+    d = datasets["cnn"]
+    shapes = {"fc": {"in_shape": [4, 4, 16], "out_shape": [4, 4, 4]}}
+    result = ranksearch.compress(_net(project, "cnn"), d["train"], d["val"], method="l0", format="ttm", budget=0.3,
+                                 epochs=2, shapes=shapes, progress=False)
+    layers = {layer["layer"]: layer["tensor_shape"] for layer in result.record["layers"]}
+    assert layers["fc"] == [4, 4, 4, 4, 4, 16] and result.record["budget_met"]
+    epochs = []
+    with pytest.raises(ValueError, match=r"shapes.fc.out_shape: the product of \[4, 4\] is 16, smaller than 64"):
+        ranksearch.compress(_net(project, "cnn"), d["train"], d["val"], method="posthoc", format="ttm", budget=0.3,
+                            epochs=2, shapes={"fc": {"in_shape": [16, 16], "out_shape": [4, 4]}}, progress=False,
+                            on_epoch=epochs.append)
+    assert epochs == []  # posthoc trains dense first: the shapes were checked before it
+
+
 def test_every_method_name_has_one_strategy():
     """fit and compress run every method, the baselines included, through one registry."""
     from ranksearch.models.rank_selection.hyperparams import METHODS

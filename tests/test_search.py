@@ -87,6 +87,20 @@ def test_optuna_searches_inside_every_cell(ray_session, tmp_path, tiny_spec):
     assert (trials.status == "ok").all()
 
 
+def test_spec_shapes_reach_every_trial_and_a_wrong_layer_fails_its_trial_by_name(ray_session, tmp_path, tiny_spec):
+    shapes = {"1": {"in_shape": [8, 8], "out_shape": [16, 32]}, "3": {"in_shape": [16, 32], "out_shape": [2, 5]}}
+    result = run_search(tiny_spec(formats=["ttm"], methods={"fixed": {}, "l0": {}}, shapes={"mlp": shapes}),
+                        storage_path=tmp_path, name="shapes")
+    assert [r["status"] for r in result.records] == ["ok", "ok"]
+    for record in result.records:
+        assert {layer["layer"]: layer["tensor_shape"] for layer in record["layers"]} == {
+            "1": [16, 32, 8, 8], "3": [2, 5, 16, 32]}
+    wrong = run_search(tiny_spec(formats=["ttm"], shapes={"mlp": {"2": {"in_shape": [512]}}}),
+                       storage_path=tmp_path, name="wrong-layer")
+    assert [r["status"] for r in wrong.records] == ["failed"]
+    assert "shapes.2: not a layer this run factorizes; those are: 1, 3" in wrong.records[0]["error"]
+
+
 def test_asha_stops_trials_early(ray_session, tmp_path, tiny_spec):
     spec = tiny_spec(
         train={"epochs": 3, "finetune_epochs": 0, "max_rank": 4, "lr": {"loguniform": [1e-5, 1e-1]}},

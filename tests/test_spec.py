@@ -215,6 +215,12 @@ INVALID = {
     "train not a mapping": ({"train": [5]}, "train: expected a mapping"),
     "name with a space": ({"name": "my search"}, "name: expected letters, digits"),
     "storage not a string": ({"storage": 5}, "storage: expected a string, got 5"),
+    "shapes of another model": ({"shapes": {"lenet5": {"1": {"in_shape": [8, 8]}}}}, "shapes.lenet5: not one of the spec's models (mlp)"),
+    "shapes not per model": ({"shapes": [{"in_shape": [8, 8]}]}, "shapes: expected a mapping model -> layer name"),
+    "shapes of a layer not a mapping": ({"shapes": {"mlp": {"1": [8, 8]}}}, "shapes.mlp.1: expected a mapping with in_shape, out_shape, shape"),
+    "shape key misspelt": ({"shapes": {"mlp": {"1": {"in_shapes": [8, 8]}}}}, "shapes.mlp.1.in_shapes: unknown key; did you mean 'in_shape'?"),
+    "shape factor of 0": ({"shapes": {"mlp": {"1": {"out_shape": [0, 8]}}}}, "shapes.mlp.1.out_shape: expected a list of positive integers, got [0, 8]"),
+    "table shape flat": ({"shapes": {"mlp": {"1": {"shape": [4, 8]}}}}, "shapes.mlp.1.shape: expected [[row factors], [dim factors]], got [4, 8]"),
 }
 
 
@@ -222,6 +228,13 @@ INVALID = {
 def test_invalid_specs_name_the_field(sections, expected):
     errors = errors_of(spec_with(**sections))
     assert any(e.startswith(expected) for e in errors), errors
+
+
+def test_shapes_round_trip_and_default_to_none():
+    shapes = {"mlp": {"1": {"in_shape": [8, 8], "out_shape": [16, 32]}}}
+    spec = load_spec(spec_with(shapes=shapes))
+    assert spec.shapes == shapes and load_spec(spec.to_dict()) == spec
+    assert load_spec(spec_with()).shapes == {}
 
 
 def test_a_spec_must_be_a_mapping_or_a_path():

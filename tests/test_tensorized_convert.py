@@ -292,6 +292,37 @@ def test_tensorize_leaves_unsupported_convs_dense_and_fails_atomically():
     assert list(model) == original
 
 
+@pytest.mark.parametrize("init", ["random", "decompose"])
+def test_tensorize_shapes_set_the_named_layers_and_leave_the_others_balanced(init):
+    model, reference = Small(), Small()
+    reference.load_state_dict(model.state_dict())
+    shapes = {"body.0": {"in_shape": [4, 4, 4, 4], "out_shape": [2, 2, 4, 4]}, "bag": {"shape": [[5, 10, 10], [2, 2, 4]]}}
+    report = tensorize(model, format="ttm", max_rank=64, min_params=256, init=init, shapes=shapes)
+    layers = {r["layer"]: r for r in report}
+    assert layers["body.0"]["tensor_shape"] == [2, 2, 4, 4, 4, 4, 4, 4]
+    assert layers["bag"]["tensor_shape"] == [5, 10, 10, 2, 2, 4]
+    assert layers["emb"]["tensor_shape"] == FactorizedEmbedding(1000, 16, format="ttm", max_rank=4).weight.modes
+    if init == "decompose":  # full rank: the explicit shapes change the layout, not the function
+        batch = _batch()
+        assert rel_err(model(*batch), reference(*batch)) < 1e-4
+
+
+@pytest.mark.parametrize("shapes, message", [
+    ({"head": {"in_shape": [8, 12]}}, "shapes.head: not a layer this run factorizes; those are: conv, body.0, emb, bag"),
+    ({"body.0": {"shape": [[16, 16], [8, 8]]}}, "shapes.body.0: expected a mapping with in_shape and/or out_shape"),
+    ({"bag": {"in_shape": [20, 25]}}, "shapes.bag: expected a mapping with shape"),
+    ({"body.0": {"in_shape": [4, 4]}}, "shapes.body.0.in_shape: the product of [4, 4] is 16, smaller than 256"),
+    ({"body.0": {"in_shape": [16, 16], "out_shape": [2, 4, 8]}}, "shapes.body.0.in_shape: ttm pairs each out_shape factor"),
+    ([["body.0", [16, 16]]], "shapes: expected a mapping layer name"),
+])
+def test_tensorize_shape_errors_name_the_layer_and_leave_the_model_unchanged(shapes, message):
+    model = Small()
+    original = list(model.children())
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        tensorize(model, format="ttm", max_rank=4, min_params=256, shapes=shapes)
+    assert list(model.children()) == original
+
+
 def test_pruned_layer_rebuilds_from_config():
     model = Small()
     tensorize(model, format="tt", max_rank=4, min_params=256)

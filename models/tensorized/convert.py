@@ -74,8 +74,28 @@ def _selected(name: str, include, exclude) -> bool:
     return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
 
 
+SHAPE_KEYS = {nn.Linear: ("in_shape", "out_shape"), nn.Conv2d: ("in_shape", "out_shape"),
+              nn.Embedding: ("shape",), nn.EmbeddingBag: ("shape",)}
+
+
+def check_shapes(shapes, targets: dict[str, nn.Module]) -> dict[str, dict]:
+    """`shapes` ({layer name: {in_shape/out_shape, or shape for tables}}) validated against the layers
+    tensorize replaces, so a misspelt layer or key is an error naming it rather than silently ignored."""
+    if shapes is None:
+        return {}
+    if not isinstance(shapes, dict):
+        raise ValueError(f"shapes: expected a mapping layer name -> {{in_shape, out_shape}}, got {shapes!r}")
+    for name, given in shapes.items():
+        if name not in targets:
+            raise ValueError(f"shapes.{name}: not a layer this run factorizes; those are: {', '.join(targets) or 'none'}")
+        keys = next(k for cls, k in SHAPE_KEYS.items() if isinstance(targets[name], cls))
+        if not isinstance(given, dict) or not given or set(given) - set(keys):
+            raise ValueError(f"shapes.{name}: expected a mapping with {' and/or '.join(keys)}, got {given!r}")
+    return shapes
+
+
 def tensorize(model: nn.Module, *, format: str, max_rank, min_params: int = 1024, include=None, exclude=None,
-              init: str = "random") -> list[dict]:
+              init: str = "random", shapes: dict | None = None) -> list[dict]:
     """Replace Linear/Conv2d/Embedding/EmbeddingBag layers of `model` in place.
 
     A layer is replaced when it has at least `min_params` weights and its name
@@ -85,6 +105,8 @@ def tensorize(model: nn.Module, *, format: str, max_rank, min_params: int = 1024
     the model unchanged.
     `init="random"` keeps the replaced layer's weight scale (so the model's own
     init scheme survives); `init="decompose"` decomposes its trained weights.
+    `shapes` sets a layer's mode shapes by name ({"fc1": {"in_shape": [4, 7, 4, 7], "out_shape":
+    [4, 4, 8, 4]}}, tables {"shape": [rows, dims]}); the others get balanced ones.
     Returns one dict per replaced layer: name, kind, format, shape, ranks, params.
     """
     if init not in ("random", "decompose"):
@@ -96,12 +118,16 @@ def tensorize(model: nn.Module, *, format: str, max_rank, min_params: int = 1024
         if isinstance(module, CONVERTIBLE) and _supported(module) and module.weight.numel() >= min_params
         and _selected(name, include, exclude)
     ]
+    shapes = check_shapes(shapes, dict(targets))
     replacements = []
     for name, module in targets:
-        if init == "decompose":
-            new = from_dense(module, format, max_rank)
-        else:
-            new = _empty_like(module, format, max_rank)
+        try:
+            new = (from_dense if init == "decompose" else _empty_like)(module, format, max_rank, **shapes.get(name, {}))
+        except ValueError as exc:
+            if name not in shapes:
+                raise
+            raise ValueError(f"shapes.{name}.{exc}") from None
+        if init != "decompose":
             new.reset_parameters(std=float(module.weight.detach().std()))
             if getattr(module, "bias", None) is not None:
                 with torch.no_grad():
