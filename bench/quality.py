@@ -9,8 +9,9 @@ time, and for bayesian/l0 `reached / budget` (where the search itself left the m
 `select`'s cut). Rank-search time is the record's `rank_search_time_s`, one definition for every
 method (models/strategies.py): from the method's start to the pruned model, warm-up or search
 epochs, measurement and selection included, the per-epoch validation rows left out; below the
-table, how many times LWIQ's is cheaper than L0's and Bayesian's per (model, format, budget). The issue's targets (MNIST): every method ≥ `fixed` at 2 % and 1 %, the best ≥ 100×
-within 1 point of dense; LeNet-5 ≥ 20× within 0.3 point; LWIQ's rank search ≥ 4× cheaper.
+table, how many times LWIQ's is cheaper than L0's and Bayesian's per (model, format, budget).
+The issue's targets (MNIST): every method ≥ `fixed` at 2 % and 1 %, the best ≥ 100× within 1
+point of dense; LeNet-5 ≥ 20× within 0.3 point; LWIQ's rank search ≥ 4× cheaper.
 `--jobs N` runs N fits at once in separate processes (each with its own torch threads).
 """
 
@@ -27,16 +28,18 @@ from ranksearch.models.train import fit
 
 METHODS = ("fixed", "posthoc", "bayesian", "l0", "lwiq")
 # named method variants: (method, method_params); "lwiq-paper" measures a dense-trained net (preset paper)
-# The Bayesian paper's TTM shapes for MLP 784-512-10 (its MNIST code): rows of 28x28 images split as
+# named layer-shape variants (fit's `shapes`), labelled "<method> (<name>)" in the table. "paper shapes":
+# the Bayesian paper's TTM shapes for MLP 784-512-10 (its MNIST code): rows of 28x28 images split as
 # 4x7 x 4x7, so each core sees whole image rows or columns, and a two-core head. The balanced default
 # ([4, 4, 7, 7] cuts across rows, [8, 8, 8] x [1, 2, 5]) was 0.5-0.7 points lower at 1 % (README).
-PAPER_SHAPES = {"1": {"in_shape": [4, 7, 4, 7], "out_shape": [4, 4, 8, 4]}, "3": {"in_shape": [16, 32], "out_shape": [2, 5]}}
+SHAPES = {"paper shapes": {"1": {"in_shape": [4, 7, 4, 7], "out_shape": [4, 4, 8, 4]},
+                           "3": {"in_shape": [16, 32], "out_shape": [2, 5]}}}
 VARIANTS = {"lwiq-paper": ("lwiq", {"preset": "paper"}), "l0-paper": ("l0", {"preset": "paper"}),
             "bayesian-paper": ("bayesian", {"preset": "paper"})}
 
 
 def _plan(quick: bool, dataset: str):
-    """(model, formats, budgets, train settings, methods, data options[, layer shapes]) per model. Budgets are
+    """(model, formats, budgets, train settings, methods, data options[, SHAPES name]) per model. Budgets are
     fractions of the tensorized layers' dense parameters: 2 % and 1 % put the MLP at about 50x and
     100x (the issue's targets), 4.5 % LeNet-5 at about 20x."""
     if dataset.startswith("mnist:") and quick:
@@ -50,7 +53,7 @@ def _plan(quick: bool, dataset: str):
         mlp = {"epochs": 8, "finetune_epochs": 2, "max_rank": 20, "lr": 2e-3}
         return [
             ("mlp", ("tt", "ttm"), (0.02, 0.01), mlp, METHODS + ("lwiq-paper",), {}),
-            ("mlp", ("ttm",), (0.01,), mlp, ("fixed", "bayesian", "l0", "lwiq"), {}, PAPER_SHAPES),
+            ("mlp", ("ttm",), (0.01,), mlp, ("fixed", "bayesian", "l0", "lwiq"), {}, "paper shapes"),
             # the library's default 10 + 2 epochs (L0 and Bayesian search half of them, LWIQ warms up one);
             # TT at max rank 16 is already under this budget (31.7x): 32 leaves the methods a choice
             ("lenet5", ("tt",), (0.045,), {"epochs": 10, "finetune_epochs": 2, "max_rank": 32, "lr": 2e-3}, METHODS, {}),
@@ -88,7 +91,7 @@ def _fit(kwargs: dict) -> dict:
 
 def _runs(quick: bool, dataset: str, seeds: int, device: str, threads: int) -> list[dict]:
     runs, models = [], set()
-    for model, formats, budgets, train, methods, options, *shapes in _plan(quick, dataset):
+    for model, formats, budgets, train, methods, options, *variant in _plan(quick, dataset):
         cells = [] if model in models else [("dense", None, None)]  # one dense reference per model
         models.add(model)
         cells += [(m, f, b) for f in formats for b in budgets for m in methods]
@@ -96,8 +99,8 @@ def _runs(quick: bool, dataset: str, seeds: int, device: str, threads: int) -> l
             method, params = VARIANTS.get(label, (label, {}))
             for seed in range(seeds):
                 runs.append({"model": model, "dataset": dataset, "method": method, "format": fmt, "budget": budget,
-                             "method_params": params, "label": label + (" (paper shapes)" if shapes else ""),
-                             "shapes": shapes[0] if shapes else None, "data_options": options,
+                             "method_params": params, "label": label + "".join(f" ({v})" for v in variant),
+                             "shapes": SHAPES[variant[0]] if variant else None, "data_options": options,
                              "train": {**train, "seed": seed}, "device": device, "threads": threads})
     return runs
 
