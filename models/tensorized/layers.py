@@ -300,10 +300,10 @@ class FactorizedEmbeddingBag(FactorizedLayer):
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input: expected an integer tensor of ids, got dtype {ids.dtype}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
-            raise ValueError(
-                f"input: ids must lie in [0, {self.num_embeddings}), got range [{int(ids.min())}, {int(ids.max())}]"
-            )
+        if ids.numel():
+            low, high = (int(v) for v in torch.aminmax(ids))
+            if low < 0 or high >= self.num_embeddings:
+                raise ValueError(f"input: ids must lie in [0, {self.num_embeddings}), got range [{low}, {high}]")
 
     def lookup(self, input: torch.Tensor) -> torch.Tensor:
         """nn.Embedding semantics: rows for ids of any shape, (..., embedding_dim)."""

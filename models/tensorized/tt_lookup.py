@@ -86,81 +86,79 @@ def distinct_ids(ids: torch.Tensor, row_shape) -> tuple[torch.Tensor, torch.Tens
     return unique.to(ids.dtype), inverse, tree
 
 
-def _core_blocks(core: torch.Tensor, tt_row: bool) -> torch.Tensor:
-    """Core (r_{k-1}, n_k, [d_k,] r_k) as (n_k, r_{k-1}, d_k * r_k): one GEMM operand per digit."""
-    if tt_row:
-        core = core.unsqueeze(2)
-    r0, n, d, r1 = core.shape
-    return core.permute(1, 0, 2, 3).reshape(n, r0, d * r1).contiguous()
+def _core_blocks(core: torch.Tensor) -> torch.Tensor:
+    """Core (r_{k-1}, n_k, [d_k,] r_k) as (n_k, r_{k-1}, d_k * r_k): one GEMM operand per digit
+    (the PyTorch path; the kernel reads the cores where they lie, `_slabs`)."""
+    return _slabs(core).transpose(0, 1).contiguous()
+
+
+def _slabs(core: torch.Tensor) -> torch.Tensor:
+    """Core (r_{k-1}, n_k, [d_k,] r_k) as (r_{k-1}, n_k, d_k * r_k), a view: digit j's block is
+    column range [j W, (j + 1) W) of each slab, which is how the kernel reads it."""
+    return core.reshape(core.shape[0], core.shape[1], -1).contiguous()
 
 
 class _FusedLookup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tree, shapes, update, tt_rows, inverse, *cores):
+    def forward(ctx, tree, shapes, update, inverse, *cores):
         """Rows of the distinct ids in `tree` over the row cores: ttm (U, D); tt (U, r_L), the rows
         before the tail. shapes: per level (r_{k-1}, d_k, r_k). With `inverse` (each lookup's
         distinct id) one row per lookup instead, (len(inverse), ...): the kernel writes them
         directly and reads their gradients back, no distinct-row intermediate either way."""
-        blocks = [_core_blocks(c, tt_rows) for c in cores]
-        compiled = tt_kernel.usable(blocks[0])
+        compiled = tt_kernel.usable(cores[0])
         per_lookup = inverse is not None
         lookups = (None, None)
-        if compiled:
+        if compiled:  # the kernel reads the cores in place (saved: the optimizer updates them after)
+            operands = [_slabs(c) for c in cores]
             if per_lookup:
                 tree.group_lookups(inverse)
                 lookups = (tree.order, tree.bounds)
-            nodes = tt_kernel.kernel().forward(blocks, tree.digits, _parents(tree), *lookups)
+            nodes = tt_kernel.kernel().forward(operands, tree.digits, _parents(tree), *lookups)
             out = nodes[-1]
         else:
-            nodes = _forward_torch(tree, blocks, shapes)
+            operands = [_core_blocks(c) for c in cores]
+            nodes = _forward_torch(tree, operands, shapes)
             out = nodes[-1].reshape(tree.sizes[-1], -1)
             if per_lookup:
                 out = out.index_select(0, inverse)
         ctx.tree, ctx.update, ctx.compiled, ctx.inverse, ctx.lookups = tree, update, compiled, inverse, lookups
-        ctx.core_shapes, ctx.n_nodes = [c.shape for c in cores], len(nodes)
-        ctx.save_for_backward(*nodes, *blocks)
+        ctx.cores, ctx.n_nodes = (cores if update is not None else None), len(nodes)
+        ctx.core_shapes = [c.shape for c in cores]
+        ctx.save_for_backward(*nodes, *operands)
         return out.reshape(out.shape[0], -1)
 
     @staticmethod
     def backward(ctx, grad_out):
         tree, levels = ctx.tree, len(ctx.core_shapes)
-        saved = list(ctx.saved_tensors)
-        nodes, blocks = saved[: ctx.n_nodes], saved[ctx.n_nodes : ctx.n_nodes + levels]
+        saved = ctx.saved_tensors
+        nodes, operands = saved[: ctx.n_nodes], saved[ctx.n_nodes : ctx.n_nodes + levels]
         g = grad_out.contiguous()
-        if ctx.compiled:  # the touched digits of each level and their block gradients
-            out = tt_kernel.kernel().backward(g, nodes, blocks, tree.digits, _parents(tree), *ctx.lookups)
-            block_grads, touched = out[:levels], out[levels:]
-        else:  # every digit's block gradient (touched None)
+        if ctx.compiled:  # the touched digits of each level and their slices' gradients (r_{k-1}, T_k, W_k)
+            out = tt_kernel.kernel().backward(g, list(nodes), list(operands), tree.digits, _parents(tree), *ctx.lookups)
+            slice_grads, touched = out[:levels], out[levels:]
+        else:  # every digit's (touched None)
             if ctx.inverse is not None:  # per-lookup rows: sum each distinct id's lookups
                 g = g.new_zeros(tree.sizes[-1], g.shape[1]).index_add_(0, ctx.inverse, g)
-            block_grads, touched = _backward_torch(tree, nodes, blocks, g), [None] * levels
+            slice_grads, touched = _backward_torch(tree, nodes, operands, g), [None] * levels
         grads = []
-        for k, (digits, gblock) in enumerate(zip(touched, block_grads)):
-            if not ctx.needs_input_grad[5 + k]:
+        for k, (digits, grad) in enumerate(zip(touched, slice_grads)):
+            if not ctx.needs_input_grad[4 + k]:
                 grads.append(None)
                 continue
             shape = ctx.core_shapes[k]
+            grad = grad.reshape(shape[0], -1, *shape[2:])  # (r_{k-1}, T or n_k, [d_k,] r_k)
             if ctx.update is not None:  # the fused optimizer: touched slices only, no gradient for autograd
                 if digits is None:
                     digits = torch.bincount(tree.digits[k], minlength=shape[1]).nonzero().flatten()  # sorted, no sort
-                    gblock = gblock.index_select(0, digits)
-                ctx.update(k, digits, _slices(gblock, shape))
+                    grad = grad.index_select(1, digits)
+                with torch.no_grad():
+                    ctx.update(ctx.cores[k], digits, grad)
                 grads.append(None)
             elif digits is None:
-                grads.append(_slices(gblock, shape))
+                grads.append(grad)
             else:
-                grads.append(gblock.new_zeros(shape).index_copy_(1, digits, _slices(gblock, shape)))
-        return (None, None, None, None, None, *grads)
-
-
-def _slices(gblock: torch.Tensor, core_shape) -> torch.Tensor:
-    """Block gradients (T, r_{k-1}, W_k) as the core's slices (r_{k-1}, T, [d_k,] r_k)."""
-    return gblock.reshape(-1, *_slice_shape(core_shape)).movedim(0, 1)
-
-
-def _slice_shape(core_shape) -> tuple:
-    """A core's shape without its digit dim (dim 1)."""
-    return (core_shape[0], *core_shape[2:])
+                grads.append(grad.new_zeros(shape).index_copy_(1, digits, grad))
+        return (None, None, None, None, *grads)
 
 
 def _parents(tree) -> list[torch.Tensor]:
@@ -180,7 +178,7 @@ def _forward_torch(tree, blocks, shapes):
 
 
 def _backward_torch(tree, saved, blocks, g):
-    """Dense block gradients (n_k, r_{k-1}, W_k), leaves to root."""
+    """Dense gradients of every digit's slices, (r_{k-1}, n_k, W_k) per level, leaves to root."""
     levels = len(blocks)
     out = [None] * levels
     for k in range(levels - 1, 0, -1):
@@ -190,7 +188,7 @@ def _backward_torch(tree, saved, blocks, g):
         ga = torch.bmm(gx, b.transpose(1, 2))  # (P_k, D_{k-1}, r_{k-1})
         g = ga.new_zeros(tree.sizes[k - 1], *ga.shape[1:]).index_add_(0, tree.parents[k], ga)
     out[0] = torch.zeros_like(blocks[0]).index_add_(0, tree.digits[0], g.reshape(tree.sizes[0], 1, -1))
-    return out
+    return [grad.transpose(0, 1) for grad in out]
 
 
 # distinct ids / lookups under which a tt table's tail multiplies each distinct row once and scatters
@@ -205,7 +203,7 @@ def _tail_chain(col_cores: list[torch.Tensor]) -> list[torch.Tensor]:
     (r_L d_1 ... d_j, r_j); the last, reshaped (r_L, D), is the tail."""
     chain = [col_cores[0].reshape(col_cores[0].shape[0] * col_cores[0].shape[1], -1)]
     for core in col_cores[1:]:
-        chain.append((chain[-1] @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[-1]))
+        chain.append(torch.mm(chain[-1], core.reshape(core.shape[0], -1)).view(-1, core.shape[-1]))
     return chain
 
 
@@ -216,8 +214,8 @@ def _tail_chain_grads(col_cores, chain, grad_tail: torch.Tensor) -> list[torch.T
     for j in range(len(col_cores) - 1, 0, -1):
         core, a = col_cores[j], chain[j - 1]
         g = g.reshape(a.shape[0], -1)  # (r_L d_1..d_{j-1}, d_j r_j)
-        grads[j] = (a.t() @ g).reshape(core.shape)
-        g = g @ core.reshape(core.shape[0], -1).t()
+        grads[j] = torch.mm(a.t(), g).view(core.shape)
+        g = torch.mm(g, core.reshape(core.shape[0], -1).t())
     grads[0] = g.reshape(col_cores[0].shape)
     return grads
 
@@ -235,9 +233,10 @@ class _TailProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, spec, width, *col_cores):
         chain = _tail_chain(col_cores)
-        tail = chain[-1].reshape(col_cores[0].shape[0], -1)
+        tail = chain[-1].view(col_cores[0].shape[0], -1)
         ctx.spec, ctx.chain, ctx.full_width = spec, chain, tail.shape[1]
-        tail = tail[:, :width]
+        if width is not None and width < tail.shape[1]:
+            tail = tail[:, :width]
         ctx.save_for_backward(rows, tail, *col_cores)
         ctx.compiled = tt_kernel.usable(rows) and rows.dtype == tail.dtype
         if ctx.compiled:
@@ -260,8 +259,9 @@ class _TailProduct(torch.autograd.Function):
                 grad_tail = torch.nn.functional.pad(grad_tail, (0, ctx.full_width - grad_tail.shape[1]))
             grads = _tail_chain_grads(col_cores, ctx.chain, grad_tail)
             if ctx.spec.update is not None:  # the fused optimizer: every slice of a column core is touched
-                for j, grad in enumerate(grads):
-                    ctx.spec.update(ctx.spec.first_level + j, torch.arange(grad.shape[1], device=grad.device), grad)
+                with torch.no_grad():
+                    for core, grad in zip(col_cores, grads):
+                        ctx.spec.update(core, torch.arange(grad.shape[1], device=grad.device), grad)
                 grads = [None] * len(col_cores)
         return (grad_rows if ctx.needs_input_grad[0] else None), None, None, *grads
 
@@ -270,13 +270,11 @@ class _TailProduct(torch.autograd.Function):
 class Tail:
     """A tt table's column cores, applied to rows of width r_L (`tail(rows, width)`): pooling may sum
     r_L-wide rows first and multiply once per bag. `update`: the fused table optimizer (plain cores
-    only), `first_level`: the factor index of the first column core. `lookups` (order, bounds of a
-    PrefixTree; compiled kernel only): the rows are distinct ids and the output has one row per
-    lookup, so a repeated id is multiplied once."""
+    only). `lookups` (order, bounds of a PrefixTree; compiled kernel only): the rows are distinct
+    ids and the output has one row per lookup, so a repeated id is multiplied once."""
 
     cores: list[torch.Tensor]
     update: Callable | None = None
-    first_level: int = 0
     lookups: tuple = (None, None)
 
     def __call__(self, rows: torch.Tensor, width: int | None = None) -> torch.Tensor:
@@ -287,7 +285,7 @@ def fused_rows(tensor, ids: torch.Tensor, row_shape, update=None, tree: PrefixTr
                inverse: torch.Tensor | None = None) -> torch.Tensor:
     """Rows (len(ids), prod(col modes)) of a `tt`/`ttm` tensor for distinct sorted `ids`.
 
-    `update(level, touched_digits, grad_slices)`: the fused table optimizer (plain cores only);
+    `update(core, touched_digits, grad_slices)`: the fused table optimizer (plain cores only);
     `tree`: the ids' prefix tree when `distinct_ids` built it already; `inverse`: return one row
     per lookup, `rows[inverse]` (bags of one id need no pooling then).
     """
@@ -305,7 +303,7 @@ def fused_row_factors(tensor, ids: torch.Tensor, row_shape, update=None, tree: P
     update = update if plain else None
     tree = tree if tree is not None else PrefixTree.of(ids, row_shape)
     if tensor.format == "tt":
-        row_cores, tail = cores[:levels], Tail(cores[levels:], update, levels)
+        row_cores, tail = cores[:levels], Tail(cores[levels:], update)
         shapes = [(c.shape[0], 1, c.shape[2]) for c in row_cores]
         if (inverse is not None and 0 < ids.numel() <= TAIL_PER_ID_BELOW * inverse.numel()
                 and tt_kernel.usable(row_cores[0])):
@@ -313,7 +311,7 @@ def fused_row_factors(tensor, ids: torch.Tensor, row_shape, update=None, tree: P
             # each of its lookups (see Tail)
             tree.group_lookups(inverse)
             tail.lookups = (tree.order, tree.bounds)
-            return _FusedLookup.apply(tree, shapes, update, True, None, *row_cores), tail
+            return _FusedLookup.apply(tree, shapes, update, None, *row_cores), tail
     else:
         row_cores, tail = cores, None
         shapes = [(c.shape[0], c.shape[2], c.shape[3]) for c in row_cores]
@@ -321,8 +319,8 @@ def fused_row_factors(tensor, ids: torch.Tensor, row_shape, update=None, tree: P
         width = shapes[-1][2] if tail is not None else math.prod(s[1] for s in shapes)
         return (row_cores[0].sum() * 0).expand(0, width), tail  # keeps the graph: backward gives zeros
     if levels < 2 and inverse is not None:  # one level: rows per distinct id, then the gather
-        return _FusedLookup.apply(tree, shapes, update, tail is not None, None, *row_cores)[inverse], tail
-    return _FusedLookup.apply(tree, shapes, update, tail is not None, inverse, *row_cores), tail
+        return _FusedLookup.apply(tree, shapes, update, None, *row_cores)[inverse], tail
+    return _FusedLookup.apply(tree, shapes, update, inverse, *row_cores), tail
 
 
 def lookup_cores(tensor) -> tuple[list[torch.Tensor], bool]:
@@ -330,5 +328,5 @@ def lookup_cores(tensor) -> tuple[list[torch.Tensor], bool]:
     changes them (then a fused optimizer may update them in place), else `effective_factors()`."""
     sampling = tensor.factor_sampler is not None and tensor.training
     if tensor.slice_gates is None and not sampling and tensor.all_masks_on():
-        return list(tensor.factors), True
+        return tensor.factor_list(), True
     return tensor.effective_factors(), False

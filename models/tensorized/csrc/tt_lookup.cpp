@@ -3,6 +3,8 @@
 // Level k of the prefix tree has P_k nodes; node p has a digit (which core block it multiplies)
 // and a parent in level k-1 (ids sorted, so a parent's children are consecutive). A level-k node
 // value is X_k[p] = X_{k-1}[parent[p]] (Dprev x r) @ block_k[digit[p]] (r x W), stored (Dprev*W).
+// The cores are read where they lie, (r, n, W) (a TTM core (r, n, d, r') viewed so): block j is
+// rows j*W .. j*W + W of each of the r slabs, no per-step copy; gradients come back in that layout.
 // Backward walks the levels from the leaves up: each parent sums its children's input gradients
 // (no atomics: children are a contiguous range), each core block sums the gradients of every node
 // with its digit (nodes grouped by digit, one thread per block: no buffers to reduce). The matrices
@@ -13,14 +15,40 @@
 #include <omp.h>
 #endif
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <map>
 #include <mutex>
 #include <tuple>
 #include <type_traits>
 #include <vector>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 namespace {
+
+// A store that bypasses the cache (no read for ownership of the line first) where the CPU has one
+// and `p` is 64-byte aligned: output rows the lookup writes once and nobody reads back soon.
+template <typename T, typename V>
+inline bool stream_store(T* p, const V& v) {
+#ifdef __AVX512F__
+  if constexpr (sizeof(V) == 64) {
+    if ((reinterpret_cast<std::uintptr_t>(p) & 63) == 0) {
+      if constexpr (std::is_same<T, float>::value) _mm512_stream_ps(p, reinterpret_cast<const __m512&>(v));
+      else _mm512_stream_pd(p, reinterpret_cast<const __m512d&>(v));
+      return true;
+    }
+  }
+#endif
+  return false;
+}
+
+inline void stream_fence() {
+#ifdef __AVX512F__
+  _mm_sfence();
+#endif
+}
 
 template <typename T, int C>
 struct Vec {  // C contiguous values as one GCC vector (one or more registers); unaligned load/store
@@ -72,6 +100,7 @@ struct Tile {
       for (int v = 0; v < NV; ++v) acc[q][i][v] += sv * mv[v];
     }
   }
+  template <bool Stream = false>
   inline void store(T* out, int64_t ldo) const {
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i)
@@ -80,7 +109,7 @@ struct Tile {
         vec x = acc[0][i][v];
 #pragma GCC unroll 4
         for (int q = 1; q < S; ++q) x += acc[q][i][v];
-        V::store(out + i * ldo + v * W, x);
+        if (!Stream || !stream_store(out + i * ldo + v * W, x)) V::store(out + i * ldo + v * W, x);
       }
   }
 };
@@ -97,7 +126,7 @@ constexpr int sets() {
 // of the lookup is one of these (A @ B, A^T @ G, G @ B^T). Tiles of R rows x C columns keep their
 // accumulators in vector registers across the k loop, and each row of M loaded there serves all R
 // rows of the tile (one load per R fused multiply-adds, not one per FMA).
-template <typename T, int R, int C, bool Acc>
+template <typename T, int R, int C, bool Acc, bool Stream = false>
 inline void tile(T* __restrict__ out, int64_t ldo, const T* __restrict__ s, int64_t si, int64_t sk,
                  const T* __restrict__ M, int64_t ld, int64_t K) {
   constexpr int S = sets<T, R, C, 4>();  // sets alternate over k
@@ -109,7 +138,7 @@ inline void tile(T* __restrict__ out, int64_t ldo, const T* __restrict__ s, int6
 #pragma GCC unroll 4
     for (int q = 0; q < S; ++q) t.fma(q, s + (k + q) * sk, si, M + (k + q) * ld);
   for (; k < K; ++k) t.fma(0, s + k * sk, si, M + k * ld);
-  t.store(out, ldo);
+  t.template store<Stream>(out, ldo);
 }
 
 // f(std::integral_constant<int, C>{}, c) for column chunks [c, c + C) that cover [0, cols): two
@@ -126,26 +155,27 @@ __attribute__((always_inline)) inline void column_chunks(int64_t cols, F&& f) {
   for (; c < cols; ++c) f(std::integral_constant<int, 1>{}, c);
 }
 
-template <typename T, int R, bool Acc>
+template <typename T, int R, bool Acc, bool Stream>
 inline void tile_row(T* out, int64_t ldo, const T* s, int64_t si, int64_t sk, const T* M, int64_t ld, int64_t K,
                      int64_t cols) {
   column_chunks<T>(cols, [&](auto width, int64_t c) __attribute__((always_inline)) {
-    tile<T, R, decltype(width)::value, Acc>(out + c, ldo, s, si, sk, M + c, ld, K);
+    tile<T, R, decltype(width)::value, Acc, Stream>(out + c, ldo, s, si, sk, M + c, ld, K);
   });
 }
 
-template <typename T, bool Acc>
+// Stream: write `out` with streaming stores (see stream_store; the caller fences)
+template <typename T, bool Acc, bool Stream = false>
 inline void gemm(T* out, int64_t ldo, int64_t rows, int64_t cols, const T* s, int64_t si, int64_t sk, const T* M,
                  int64_t ld, int64_t K) {
   int64_t i = 0;
-  for (; i + 4 <= rows; i += 4) tile_row<T, 4, Acc>(out + i * ldo, ldo, s + i * si, si, sk, M, ld, K, cols);
-  for (; i < rows; ++i) tile_row<T, 1, Acc>(out + i * ldo, ldo, s + i * si, si, sk, M, ld, K, cols);
+  for (; i + 4 <= rows; i += 4) tile_row<T, 4, Acc, Stream>(out + i * ldo, ldo, s + i * si, si, sk, M, ld, K, cols);
+  for (; i < rows; ++i) tile_row<T, 1, Acc, Stream>(out + i * ldo, ldo, s + i * si, si, sk, M, ld, K, cols);
 }
 
 template <typename T>
-inline void mm(const T* a, const T* b, T* out, int64_t D, int64_t r, int64_t W) {
-  // out (D x W) = a (D x r) @ b (r x W)
-  gemm<T, false>(out, W, D, W, a, r, 1, b, W, r);
+inline void mm(const T* a, const T* b, int64_t ldb, T* out, int64_t D, int64_t r, int64_t W) {
+  // out (D x W) = a (D x r) @ b (r x W, rows ldb apart)
+  gemm<T, false>(out, W, D, W, a, r, 1, b, ldb, r);
 }
 
 template <typename T, bool Acc>
@@ -232,28 +262,31 @@ inline void sum_lookup_rows(T* dst, const T* g, const Lookups& lookups, int64_t 
 }
 
 template <typename scalar_t>
-void forward_level(const torch::Tensor& prev, const torch::Tensor& block, const torch::Tensor& digits,
+void forward_level(const torch::Tensor& prev, const torch::Tensor& core, const torch::Tensor& digits,
                    const torch::Tensor& parents, torch::Tensor& out, int64_t D, int64_t r, int64_t W,
                    const Lookups& lookups) {
   const scalar_t* x = prev.data_ptr<scalar_t>();
-  const scalar_t* b = block.data_ptr<scalar_t>();
+  const scalar_t* b = core.data_ptr<scalar_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
   const int64_t* dg = digits.data_ptr<int64_t>();
   const int64_t* pa = parents.data_ptr<int64_t>();
-  const int64_t P = digits.numel(), sx = prev.size(1), sb = r * W, so = D * W;
+  const int64_t P = digits.numel(), sx = prev.size(1), ldb = core.size(1) * W, so = D * W;
   const int threads = at::get_num_threads();  // torch.set_num_threads, whatever OpenMP runtime is loaded
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t p = 0; p < P; ++p) {
-    if (!lookups.order) {
-      mm(x + pa[p] * sx, b + dg[p] * sb, o + p * so, D, r, W);
-      continue;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < P; ++p) {
+      if (!lookups.order) {
+        mm(x + pa[p] * sx, b + dg[p] * W, ldb, o + p * so, D, r, W);
+        continue;
+      }
+      // the leaf level writes each distinct row straight to its lookups' rows: no (distinct x D)
+      // intermediate and no gather after it
+      scalar_t* first = o + lookups.order[lookups.bounds[p]] * so;
+      mm(x + pa[p] * sx, b + dg[p] * W, ldb, first, D, r, W);
+      for (int64_t j = lookups.bounds[p] + 1; j < lookups.bounds[p + 1]; ++j)
+        std::copy(first, first + so, o + lookups.order[j] * so);
     }
-    // the leaf level writes each distinct row straight to its lookups' rows: no (distinct x D)
-    // intermediate and no gather after it
-    scalar_t* first = o + lookups.order[lookups.bounds[p]] * so;
-    mm(x + pa[p] * sx, b + dg[p] * sb, first, D, r, W);
-    for (int64_t j = lookups.bounds[p] + 1; j < lookups.bounds[p + 1]; ++j)
-      std::copy(first, first + so, o + lookups.order[j] * so);
   }
 }
 
@@ -287,9 +320,9 @@ inline void block_grad_rows(T* gbt, const int64_t* nodes, int64_t n, const T* x,
   });
 }
 
-// gb (r x W) of one digit from its nodes (see tile_block_grad)
+// gb (r x W, rows ldg apart) of one digit from its nodes (see tile_block_grad)
 template <typename T>
-void block_grad(T* gb, const int64_t* nodes, int64_t n, const T* x, const int64_t* pa, int64_t sx,
+void block_grad(T* gb, int64_t ldg, const int64_t* nodes, int64_t n, const T* x, const int64_t* pa, int64_t sx,
                 const T* const* grow, int64_t D, int64_t r, int64_t W, std::vector<T>& gbt) {
   gbt.resize(W * r);
   int64_t i = 0;
@@ -297,7 +330,22 @@ void block_grad(T* gb, const int64_t* nodes, int64_t n, const T* x, const int64_
   for (; i + 4 <= W; i += 4) block_grad_rows<T, 4>(gbt.data() + i * r, nodes, n, x, pa, sx, grow, i, D, r, W);
   for (; i < W; ++i) block_grad_rows<T, 1>(gbt.data() + i * r, nodes, n, x, pa, sx, grow, i, D, r, W);
   for (int64_t a = 0; a < r; ++a)
-    for (int64_t w = 0; w < W; ++w) gb[a * W + w] = gbt[w * r + a];
+    for (int64_t w = 0; w < W; ++w) gb[a * ldg + w] = gbt[w * r + a];
+}
+
+// The touched blocks of a core (r, n, W) transposed into out (n, W, r): the right operand of the
+// parents' gradients (G (D x W) @ block^T), rows contiguous for the register tiles. Tiles stay in
+// L1; a small batch touches few digits (torch's strided copy of a whole 100 x 16 x 16 core: ~20 us).
+template <typename T>
+void transpose_blocks(const T* core, T* out, int64_t r, int64_t n, int64_t W, const int64_t* digits, int64_t count) {
+  constexpr int64_t tile = 16;
+  for (int64_t t = 0; t < count; ++t)
+    for (int64_t j = digits[t], c0 = 0; c0 < r; c0 += tile)
+      for (int64_t w0 = 0; w0 < W; w0 += tile) {
+        const int64_t c1 = std::min(r, c0 + tile), w1 = std::min(W, w0 + tile);
+        for (int64_t w = w0; w < w1; ++w)
+          for (int64_t c = c0; c < c1; ++c) out[(j * W + w) * r + c] = core[(c * n + j) * W + w];
+      }
 }
 
 // Each node's output-gradient row: g's own rows, or at the leaf level with lookups the rows of the
@@ -326,19 +374,18 @@ std::vector<const T*> gradient_rows(const T* g, int64_t P, int64_t width, const 
   return rows;
 }
 
-// Fills gprev and returns the touched digits (sorted) with their block gradients, (T, r, W).
+// Fills gprev and returns the touched digits (sorted) with their block gradients in the core's
+// layout, (r, T, W): row a of touched digit t's block at (a * T + t) * W.
 template <typename scalar_t>
-std::pair<torch::Tensor, torch::Tensor> backward_level(const torch::Tensor& prev, const torch::Tensor& block,
+std::pair<torch::Tensor, torch::Tensor> backward_level(const torch::Tensor& prev, const torch::Tensor& core,
                                                        const torch::Tensor& digits, const torch::Tensor& parents,
                                                        const scalar_t* const* grow, torch::Tensor& gprev, int64_t D,
                                                        int64_t r, int64_t W) {
   const scalar_t* x = prev.data_ptr<scalar_t>();
-  const auto block_t = block.transpose(1, 2).contiguous();  // (n, W, r)
-  const scalar_t* b = block_t.data_ptr<scalar_t>();
+  const int64_t P = digits.numel(), Pp = prev.size(0), n = core.size(1), sx = prev.size(1), sb = r * W;
   scalar_t* ga = gprev.data_ptr<scalar_t>();
   const int64_t* dg = digits.data_ptr<int64_t>();
   const int64_t* pa = parents.data_ptr<int64_t>();
-  const int64_t P = digits.numel(), Pp = prev.size(0), n = block.size(0), sx = prev.size(1), sb = r * W;
   const auto start = child_ranges(pa, P, Pp);
   // nodes grouped by digit (a counting sort): each block's gradient is then one thread's, no buffers
   std::vector<int64_t> first(n + 1, 0), by_digit(P);
@@ -354,7 +401,10 @@ std::pair<torch::Tensor, torch::Tensor> backward_level(const torch::Tensor& prev
   int64_t* tj = touched.data_ptr<int64_t>();
   for (int64_t j = 0, t = 0; j < n; ++j)
     if (first[j + 1] > first[j]) tj[t++] = j;
-  auto gblock = torch::empty({T, r, W}, block.options());
+  const auto block_t = pooled_empty({n, W, r}, core.options());  // the touched digits' rows only
+  transpose_blocks(core.data_ptr<scalar_t>(), block_t.data_ptr<scalar_t>(), r, n, W, tj, T);
+  const scalar_t* b = block_t.data_ptr<scalar_t>();
+  auto gblock = torch::empty({r, T, W}, core.options());
   scalar_t* gb = gblock.data_ptr<scalar_t>();
   const int threads = at::get_num_threads();
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -371,18 +421,18 @@ std::pair<torch::Tensor, torch::Tensor> backward_level(const torch::Tensor& prev
 #pragma omp for schedule(dynamic, 4)
     for (int64_t t = 0; t < T; ++t) {
       const int64_t j = tj[t];
-      block_grad(gb + t * sb, by_digit.data() + first[j], first[j + 1] - first[j], x, pa, sx, grow, D, r, W, gbt);
+      block_grad(gb + t * W, T * W, by_digit.data() + first[j], first[j + 1] - first[j], x, pa, sx, grow, D, r, W, gbt);
     }
   }
   return {touched, gblock};
 }
 
-void check(const std::vector<torch::Tensor>& blocks, const std::vector<torch::Tensor>& digits,
+void check(const std::vector<torch::Tensor>& cores, const std::vector<torch::Tensor>& digits,
            const std::vector<torch::Tensor>& parents) {
-  TORCH_CHECK(!blocks.empty() && blocks.size() == digits.size() && blocks.size() == parents.size(),
-              "tt_lookup: one block, digit and parent tensor per level");
-  for (size_t k = 0; k < blocks.size(); ++k) {
-    TORCH_CHECK(blocks[k].dim() == 3 && blocks[k].is_contiguous() && !blocks[k].is_cuda(), "tt_lookup: blocks (n, r, W) contiguous CPU");
+  TORCH_CHECK(!cores.empty() && cores.size() == digits.size() && cores.size() == parents.size(),
+              "tt_lookup: one core, digit and parent tensor per level");
+  for (size_t k = 0; k < cores.size(); ++k) {
+    TORCH_CHECK(cores[k].dim() == 3 && cores[k].is_contiguous() && !cores[k].is_cuda(), "tt_lookup: cores (r, n, W) contiguous CPU");
     TORCH_CHECK(digits[k].scalar_type() == torch::kLong && digits[k].is_contiguous(), "tt_lookup: int64 digits");
     TORCH_CHECK(k == 0 || (parents[k].scalar_type() == torch::kLong && parents[k].numel() == digits[k].numel()),
                 "tt_lookup: int64 parents per node");
@@ -403,57 +453,57 @@ Lookups lookups_of(const c10::optional<torch::Tensor>& order, const c10::optiona
 
 // Node values of every level: X_k (P_k, Dprev_k * W_k); the last one is the lookup's output, one row
 // per distinct id, or with `order`/`bounds` (prefix_tree's) one row per lookup in the batch's order.
-std::vector<torch::Tensor> forward(std::vector<torch::Tensor> blocks, std::vector<torch::Tensor> digits,
+std::vector<torch::Tensor> forward(std::vector<torch::Tensor> cores, std::vector<torch::Tensor> digits,
                                    std::vector<torch::Tensor> parents, c10::optional<torch::Tensor> order,
                                    c10::optional<torch::Tensor> bounds) {
-  check(blocks, digits, parents);
+  check(cores, digits, parents);
   const Lookups lookups = lookups_of(order, bounds), none;
-  const size_t L = blocks.size();
+  const size_t L = cores.size();
   TORCH_CHECK(L >= 2 || !lookups.order, "tt_lookup: rows per lookup need two or more levels");
   std::vector<torch::Tensor> xs;
-  xs.push_back(blocks[0].index_select(0, digits[0]).reshape({digits[0].numel(), -1}));
+  xs.push_back(cores[0].index_select(1, digits[0]).transpose(0, 1).reshape({digits[0].numel(), -1}));
   for (size_t k = 1; k < L; ++k) {
     const auto& prev = xs.back();
     const bool leaf = k == L - 1 && lookups.order;
-    const int64_t P = digits[k].numel(), r = blocks[k].size(1), W = blocks[k].size(2);
+    const int64_t P = digits[k].numel(), r = cores[k].size(0), W = cores[k].size(2);
     const int64_t D = prev.size(1) / r;
-    auto out = pooled_empty({leaf ? lookups.count : P, D * W}, blocks[k].options());
-    AT_DISPATCH_FLOATING_TYPES(blocks[k].scalar_type(), "tt_forward", [&] {
-      forward_level<scalar_t>(prev, blocks[k], digits[k], parents[k], out, D, r, W, leaf ? lookups : none);
+    auto out = pooled_empty({leaf ? lookups.count : P, D * W}, cores[k].options());
+    AT_DISPATCH_FLOATING_TYPES(cores[k].scalar_type(), "tt_forward", [&] {
+      forward_level<scalar_t>(prev, cores[k], digits[k], parents[k], out, D, r, W, leaf ? lookups : none);
     });
     xs.push_back(out);
   }
   return xs;
 }
 
-// Per level the digits the batch touched (sorted) and their block gradients (T_k, r_{k-1}, W_k), given
+// Per level the digits the batch touched (sorted) and their block gradients (r_{k-1}, T_k, W_k), given
 // the output gradient and forward's node values: [grads of levels 0..L-1, touched of levels 0..L-1].
 // Untouched blocks get no gradient: a table optimizer updates the touched slices only, and a dense
 // gradient is these scattered into zeros.
 std::vector<torch::Tensor> backward(torch::Tensor grad_out, std::vector<torch::Tensor> xs,
-                                    std::vector<torch::Tensor> blocks, std::vector<torch::Tensor> digits,
+                                    std::vector<torch::Tensor> cores, std::vector<torch::Tensor> digits,
                                     std::vector<torch::Tensor> parents, c10::optional<torch::Tensor> order,
                                     c10::optional<torch::Tensor> bounds) {
-  check(blocks, digits, parents);
+  check(cores, digits, parents);
   const Lookups lookups = lookups_of(order, bounds), none;
-  const size_t L = blocks.size();
+  const size_t L = cores.size();
   std::vector<torch::Tensor> grads(L), touched(L);
   auto g = grad_out.contiguous();
   for (size_t k = L - 1; k >= 1; --k) {
     const auto& prev = xs[k - 1];
-    const int64_t P = digits[k].numel(), r = blocks[k].size(1), W = blocks[k].size(2);
+    const int64_t P = digits[k].numel(), r = cores[k].size(0), W = cores[k].size(2);
     const int64_t D = prev.size(1) / r;
     auto gprev = pooled_empty(prev.sizes(), prev.options());  // written by each parent's first child (backward_level)
-    AT_DISPATCH_FLOATING_TYPES(blocks[k].scalar_type(), "tt_backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES(cores[k].scalar_type(), "tt_backward", [&] {
       std::vector<scalar_t> sums;
       const auto rows = gradient_rows<scalar_t>(g.data_ptr<scalar_t>(), P, D * W, k == L - 1 ? lookups : none, sums);
       std::tie(touched[k], grads[k]) =
-          backward_level<scalar_t>(prev, blocks[k], digits[k], parents[k], rows.data(), gprev, D, r, W);
+          backward_level<scalar_t>(prev, cores[k], digits[k], parents[k], rows.data(), gprev, D, r, W);
     });
     g = gprev;
   }
   touched[0] = digits[0];  // level 0's nodes are its distinct digits, sorted: their gradients as they are
-  grads[0] = g.reshape({digits[0].numel(), blocks[0].size(1), -1});
+  grads[0] = g.reshape({digits[0].numel(), cores[0].size(0), -1}).transpose(0, 1).contiguous();  // (r, T, W)
   grads.insert(grads.end(), touched.begin(), touched.end());
   return grads;
 }
@@ -484,7 +534,7 @@ void tail_forward_rows(const T* x, const T* t, T* out, int64_t U, int64_t r, int
     for (int64_t i = 0; i < blocks; ++i) {
       const int64_t b = i * block, m = std::min(block, U - b);
       if (!lookups.order) {
-        gemm<T, false>(out + b * D, D, m, D, x + b * r, r, 1, t, D, r);
+        gemm<T, false, true>(out + b * D, D, m, D, x + b * r, r, 1, t, D, r);
         continue;
       }
       gemm<T, false>(buf.data(), D, m, D, x + b * r, r, 1, t, D, r);
@@ -492,6 +542,7 @@ void tail_forward_rows(const T* x, const T* t, T* out, int64_t U, int64_t r, int
         for (int64_t j = lookups.bounds[b + u]; j < lookups.bounds[b + u + 1]; ++j)
           std::copy(buf.data() + u * D, buf.data() + (u + 1) * D, out + lookups.order[j] * D);
     }
+    stream_fence();
   }
 }
 
@@ -647,9 +698,9 @@ std::vector<torch::Tensor> prefix_tree(torch::Tensor ids, std::vector<int64_t> r
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "fused TT lookup forward: node values per prefix-tree level",
-        py::arg("blocks"), py::arg("digits"), py::arg("parents"), py::arg("order") = py::none(), py::arg("bounds") = py::none());
+        py::arg("cores"), py::arg("digits"), py::arg("parents"), py::arg("order") = py::none(), py::arg("bounds") = py::none());
   m.def("backward", &backward, "fused TT lookup backward: per-block gradients", py::arg("grad_out"), py::arg("xs"),
-        py::arg("blocks"), py::arg("digits"), py::arg("parents"), py::arg("order") = py::none(), py::arg("bounds") = py::none());
+        py::arg("cores"), py::arg("digits"), py::arg("parents"), py::arg("order") = py::none(), py::arg("bounds") = py::none());
   m.def("tail_forward", &tail_forward, "rows @ tail, each product row written once (or to each of its lookups)",
         py::arg("rows"), py::arg("tail"), py::arg("order") = py::none(), py::arg("bounds") = py::none());
   m.def("tail_backward", &tail_backward, "gradients of rows @ tail: (G @ tail^T, rows^T @ G) in one pass",
