@@ -100,6 +100,29 @@ struct Tile {
       for (int v = 0; v < NV; ++v) acc[q][i][v] += sv * mv[v];
     }
   }
+  // set q, row i += s[i][k] * m[0 .. C): rows from anywhere (nodes that share a block)
+  inline void fma_rows(int q, const T* const* s, int64_t k, const T* m) {
+    vec mv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) mv[v] = V::load(m + v * W);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const T sv = s[i][k];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[q][i][v] += sv * mv[v];
+    }
+  }
+  inline void store_rows(T* const* out, int64_t c) const {
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        vec x = acc[0][i][v];
+#pragma GCC unroll 4
+        for (int q = 1; q < S; ++q) x += acc[q][i][v];
+        V::store(out[i] + c + v * W, x);
+      }
+  }
   template <bool Stream = false>
   inline void store(T* out, int64_t ldo) const {
 #pragma GCC unroll 8
@@ -172,6 +195,24 @@ inline void gemm(T* out, int64_t ldo, int64_t rows, int64_t cols, const T* s, in
   for (; i < rows; ++i) tile_row<T, 1, Acc, Stream>(out + i * ldo, ldo, s + i * si, si, sk, M, ld, K, cols);
 }
 
+// out[i][0, cols) = s[i][0, K) @ M (K x cols, rows ld apart) for R rows given by pointers: R nodes that
+// multiply the same block, each loaded row of which then serves R FMAs (one node at a time: one).
+template <typename T, int R>
+inline void gemm_rows(T* const* out, const T* const* s, const T* M, int64_t ld, int64_t K, int64_t cols) {
+  column_chunks<T>(cols, [&](auto width, int64_t c) __attribute__((always_inline)) {
+    constexpr int C = decltype(width)::value;
+    constexpr int S = sets<T, R, C, 4>();
+    Tile<T, R, C, S> t;
+    t.zero();
+    int64_t k = 0;
+    for (; k + S <= K; k += S)
+#pragma GCC unroll 4
+      for (int q = 0; q < S; ++q) t.fma_rows(q, s, k + q, M + (k + q) * ld + c);
+    for (; k < K; ++k) t.fma_rows(0, s, k, M + k * ld + c);
+    t.store_rows(out, c);
+  });
+}
+
 template <typename T>
 inline void mm(const T* a, const T* b, int64_t ldb, T* out, int64_t D, int64_t r, int64_t W) {
   // out (D x W) = a (D x r) @ b (r x W, rows ldb apart)
@@ -183,6 +224,17 @@ inline void grad_a(const T* gx, const T* bt, T* ga, int64_t D, int64_t r, int64_
   // ga (D x r) (+)= gx (D x W) @ bt (W x r), bt = b^T
   gemm<T, Acc>(ga, r, D, r, gx, W, 1, bt, r, W);
 }
+
+// Nodes grouped by digit (a counting sort): digit j's nodes are by_digit[first[j] .. first[j + 1]).
+struct DigitGroups {
+  std::vector<int64_t> first, by_digit;
+  DigitGroups(const int64_t* dg, int64_t P, int64_t n) : first(n + 1, 0), by_digit(P) {
+    for (int64_t p = 0; p < P; ++p) ++first[dg[p] + 1];
+    for (int64_t j = 0; j < n; ++j) first[j + 1] += first[j];
+    std::vector<int64_t> fill(first.begin(), first.end() - 1);
+    for (int64_t p = 0; p < P; ++p) by_digit[fill[dg[p]]++] = p;
+  }
+};
 
 // start[q] .. start[q+1]: the children of parent q (parents sorted, every parent has a child)
 std::vector<int64_t> child_ranges(const int64_t* parents, int64_t n, int64_t n_parents) {
@@ -272,21 +324,44 @@ void forward_level(const torch::Tensor& prev, const torch::Tensor& core, const t
   const int64_t* pa = parents.data_ptr<int64_t>();
   const int64_t P = digits.numel(), sx = prev.size(1), ldb = core.size(1) * W, so = D * W;
   const int threads = at::get_num_threads();  // torch.set_num_threads, whatever OpenMP runtime is loaded
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  {
-#pragma omp for schedule(static)
-    for (int64_t p = 0; p < P; ++p) {
-      if (!lookups.order) {
-        mm(x + pa[p] * sx, b + dg[p] * W, ldb, o + p * so, D, r, W);
-        continue;
+  // each node's output row (at the leaf with lookups: its first lookup's row, no (distinct x D)
+  // intermediate and no gather after it), and the copies to its other lookups
+  auto out_row = [&](int64_t p) { return lookups.order ? o + lookups.order[lookups.bounds[p]] * so : o + p * so; };
+  auto copy_to_lookups = [&](int64_t p) {
+    if (!lookups.order) return;
+    const scalar_t* row = out_row(p);
+    for (int64_t j = lookups.bounds[p] + 1; j < lookups.bounds[p + 1]; ++j)
+      std::copy(row, row + so, o + lookups.order[j] * so);
+  };
+  if (D == 1) {  // one-row products (a tt table's row cores): 4 nodes of one digit share each block row
+    const DigitGroups groups(dg, P, core.size(1));
+    const int64_t n = core.size(1);
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if (threads > 1)
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t* nodes = groups.by_digit.data() + groups.first[j];
+      const int64_t count = groups.first[j + 1] - groups.first[j];
+      const scalar_t* block = b + j * W;
+      int64_t i = 0;
+      for (; i + 4 <= count; i += 4) {
+        const scalar_t* a[4];
+        scalar_t* out[4];
+        for (int u = 0; u < 4; ++u) a[u] = x + pa[nodes[i + u]] * sx, out[u] = out_row(nodes[i + u]);
+        gemm_rows<scalar_t, 4>(out, a, block, ldb, r, W);
+        for (int u = 0; u < 4; ++u) copy_to_lookups(nodes[i + u]);
       }
-      // the leaf level writes each distinct row straight to its lookups' rows: no (distinct x D)
-      // intermediate and no gather after it
-      scalar_t* first = o + lookups.order[lookups.bounds[p]] * so;
-      mm(x + pa[p] * sx, b + dg[p] * W, ldb, first, D, r, W);
-      for (int64_t j = lookups.bounds[p] + 1; j < lookups.bounds[p + 1]; ++j)
-        std::copy(first, first + so, o + lookups.order[j] * so);
+      for (; i < count; ++i) {
+        const scalar_t* a = x + pa[nodes[i]] * sx;
+        scalar_t* out = out_row(nodes[i]);
+        gemm_rows<scalar_t, 1>(&out, &a, block, ldb, r, W);
+        copy_to_lookups(nodes[i]);
+      }
     }
+    return;
+  }
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t p = 0; p < P; ++p) {  // D rows per node: the register tiles share block rows already
+    mm(x + pa[p] * sx, b + dg[p] * W, ldb, out_row(p), D, r, W);
+    copy_to_lookups(p);
   }
 }
 
@@ -387,14 +462,10 @@ std::pair<torch::Tensor, torch::Tensor> backward_level(const torch::Tensor& prev
   const int64_t* dg = digits.data_ptr<int64_t>();
   const int64_t* pa = parents.data_ptr<int64_t>();
   const auto start = child_ranges(pa, P, Pp);
-  // nodes grouped by digit (a counting sort): each block's gradient is then one thread's, no buffers
-  std::vector<int64_t> first(n + 1, 0), by_digit(P);
-  for (int64_t p = 0; p < P; ++p) ++first[dg[p] + 1];
-  for (int64_t j = 0; j < n; ++j) first[j + 1] += first[j];
-  {
-    std::vector<int64_t> fill(first.begin(), first.end() - 1);
-    for (int64_t p = 0; p < P; ++p) by_digit[fill[dg[p]]++] = p;
-  }
+  // nodes grouped by digit: each block's gradient is then one thread's, no buffers
+  const DigitGroups groups(dg, P, n);
+  const auto& first = groups.first;
+  const auto& by_digit = groups.by_digit;
   int64_t T = 0;
   for (int64_t j = 0; j < n; ++j) T += first[j + 1] > first[j];
   auto touched = torch::empty({T}, digits.options());
@@ -407,21 +478,51 @@ std::pair<torch::Tensor, torch::Tensor> backward_level(const torch::Tensor& prev
   auto gblock = torch::empty({r, T, W}, core.options());
   scalar_t* gb = gblock.data_ptr<scalar_t>();
   const int threads = at::get_num_threads();
+  // one-row nodes (a tt table's row cores): each node's input gradient G[p] @ block^T computed by
+  // digit, 4 nodes sharing each row of the block, into gnode; the parents then sum their children's
+  const bool by_digit_rows = D == 1;
+  const auto gnode = by_digit_rows ? pooled_empty({P, r}, core.options()) : torch::Tensor();
+  scalar_t* gn = by_digit_rows ? gnode.data_ptr<scalar_t>() : nullptr;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     std::vector<scalar_t> gbt;  // one digit's transposed block gradient
+    if (!by_digit_rows) {
 #pragma omp for schedule(static) nowait
-    for (int64_t q = 0; q < Pp; ++q) {  // parents' gradients: the first child writes, the others add
-      if (start[q] == start[q + 1]) std::fill(ga + q * sx, ga + (q + 1) * sx, scalar_t(0));  // no child
-      for (int64_t p = start[q]; p < start[q + 1]; ++p) {
-        if (p == start[q]) grad_a<scalar_t, false>(grow[p], b + dg[p] * sb, ga + q * sx, D, r, W);
-        else grad_a<scalar_t, true>(grow[p], b + dg[p] * sb, ga + q * sx, D, r, W);
+      for (int64_t q = 0; q < Pp; ++q) {  // parents' gradients: the first child writes, the others add
+        if (start[q] == start[q + 1]) std::fill(ga + q * sx, ga + (q + 1) * sx, scalar_t(0));  // no child
+        for (int64_t p = start[q]; p < start[q + 1]; ++p) {
+          if (p == start[q]) grad_a<scalar_t, false>(grow[p], b + dg[p] * sb, ga + q * sx, D, r, W);
+          else grad_a<scalar_t, true>(grow[p], b + dg[p] * sb, ga + q * sx, D, r, W);
+        }
       }
     }
 #pragma omp for schedule(dynamic, 4)
     for (int64_t t = 0; t < T; ++t) {
-      const int64_t j = tj[t];
-      block_grad(gb + t * W, T * W, by_digit.data() + first[j], first[j + 1] - first[j], x, pa, sx, grow, D, r, W, gbt);
+      const int64_t j = tj[t], *nodes = by_digit.data() + first[j], count = first[j + 1] - first[j];
+      block_grad(gb + t * W, T * W, nodes, count, x, pa, sx, grow, D, r, W, gbt);
+      if (!by_digit_rows) continue;
+      int64_t i = 0;
+      for (; i + 4 <= count; i += 4) {
+        const scalar_t* g[4];
+        scalar_t* out[4];
+        for (int u = 0; u < 4; ++u) g[u] = grow[nodes[i + u]], out[u] = gn + nodes[i + u] * r;
+        gemm_rows<scalar_t, 4>(out, g, b + j * sb, r, W, r);
+      }
+      for (; i < count; ++i) {
+        const scalar_t* g = grow[nodes[i]];
+        scalar_t* out = gn + nodes[i] * r;
+        gemm_rows<scalar_t, 1>(&out, &g, b + j * sb, r, W, r);
+      }
+    }
+    if (by_digit_rows) {  // (the loop above ended with a barrier)
+#pragma omp for schedule(static)
+      for (int64_t q = 0; q < Pp; ++q) {
+        scalar_t* dst = ga + q * sx;
+        if (start[q] == start[q + 1]) std::fill(dst, dst + r, scalar_t(0));  // no child
+        else std::copy(gn + start[q] * r, gn + (start[q] + 1) * r, dst);
+        for (int64_t p = start[q] + 1; p < start[q + 1]; ++p)
+          for (int64_t c = 0; c < r; ++c) dst[c] += gn[p * r + c];
+      }
     }
   }
   return {touched, gblock};
