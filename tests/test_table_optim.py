@@ -118,6 +118,24 @@ def test_fused_step_equals_the_dense_reference(name, case):
 
 
 @pytest.mark.parametrize("name", sorted(TABLE_OPTIMIZERS))
+@pytest.mark.parametrize("fmt", ["tt", "ttm"])
+def test_a_table_looked_up_twice_in_one_graph(name, fmt):
+    """Both lookups' gradients are taken at the forward's values and the table gets one update
+    from their sum, as the dense reference does (updating after the first backward node would
+    make the second use changed cores)."""
+    bag = FactorizedEmbeddingBag(60, 10, format=fmt, max_rank=3, shape=[[3, 4, 5], [2, 2, 3]]).double()
+    ref = copy.deepcopy(bag)
+    ref.fused = False
+    dims = [(p, _slice_dim(lb)) for p, lb in zip(ref.weight.factors, ref.weight.labels)]
+
+    def twice(model, batch):
+        ids, offsets = batch
+        return torch.cat([model(ids, offsets), 2 * model(ids.flip(0), offsets)])
+
+    _check(bag, ref, dims, name, _batches(60), twice)
+
+
+@pytest.mark.parametrize("name", sorted(TABLE_OPTIMIZERS))
 def test_plain_sparse_bag(name):
     bag = nn.EmbeddingBag(50, 6, mode="sum", sparse=True).double()
     ref = copy.deepcopy(bag)

@@ -5,9 +5,12 @@ Kaggle cardinalities with dense Adam needs ~70 GB at dim 128); TorchRec / FBGEMM
 the looked-up rows during backward with a row-wise rule, so a step costs in proportion to the
 batch. This module does the same for our tables:
 
-- fused TT/TTM lookups (`tt_lookup.py`) hand each touched core slice's summed gradient straight
-  to `TableOptimizer.update` and give autograd no core gradient (a TT table's column cores too,
-  from the tail's backward: every one of their slices is touched);
+- fused TT/TTM lookups (`tt_lookup.py`) hand each touched core slice's summed gradient to the
+  optimizer and give autograd no core gradient (a TT table's column cores too, from the tail's
+  backward: every one of their slices is touched). The optimizer applies them when the backward
+  pass ends: every gradient of the pass is then taken at the values the forward used (the
+  lookups read the cores in place), and a table looked up twice in one graph gets one update
+  from its summed gradient, as a dense optimizer would;
 - every other table parameter (cp / tucker factors, gated or masked cores, plain
   `nn.EmbeddingBag` weights, sparse gradients included) gets a post-accumulate-grad hook that
   applies the same rule to the slices with a gradient and clears `.grad`.
@@ -47,6 +50,8 @@ class TableOptimizer:
         self._hooks: list = []
         self._layers: list = []
         self._sparse: list = []
+        self._pending: list = []  # fused core updates of the running backward pass
+        self._pending_pass: int | None = None
 
     def _state(self, param: torch.Tensor) -> dict:
         return self.state.setdefault(param.data_ptr(), {})  # data_ptr: a view of the whole tensor shares it
@@ -84,9 +89,28 @@ class TableOptimizer:
             module.sparse = sparse
         self._hooks, self._layers, self._sparse = [], [], []
 
-    def _core_update(self, core: nn.Parameter, index: torch.Tensor, grad: torch.Tensor) -> None:
-        """A fused lookup's update of a TT/TTM core's slices (dim 1: the core's digit)."""
-        self.update(core, 1, index, grad)
+    def _core_update(self, core: torch.Tensor, index: torch.Tensor, grad: torch.Tensor) -> None:
+        """A fused lookup's update of a TT/TTM core's slices `index` (dim 1: the core's digit),
+        applied when the running backward pass ends (see the module docstring)."""
+        current = torch._C._current_graph_task_id()
+        if current < 0:  # not called from a backward pass: nothing to wait for
+            with torch.no_grad():
+                self.update(core, 1, index, grad)
+            return
+        if self._pending_pass != current:  # a pass that raised never ran its callback: its updates go
+            self._pending, self._pending_pass = [], current
+            torch.autograd.Variable._execution_engine.queue_callback(self._apply_pending)
+        self._pending.append((core, index, grad))
+
+    def _apply_pending(self) -> None:
+        pending, self._pending, self._pending_pass = self._pending, [], None
+        by_core: dict[int, tuple] = {}
+        for core, index, grad in pending:
+            by_core.setdefault(core.data_ptr(), (core, []))[1].append((index, grad))
+        with torch.no_grad():
+            for core, parts in by_core.values():
+                index, grad = parts[0] if len(parts) == 1 else _summed(parts)
+                self.update(core, 1, index, grad)
 
     def _hook(self, param: nn.Parameter, dim: int | None) -> None:
         if param.requires_grad:
@@ -109,6 +133,13 @@ class TableOptimizer:
         touched = torch.nonzero(grad.abs().amax(dim=other) if other else grad.abs()).flatten()
         if touched.numel():
             self.update(param, dim, touched, grad.index_select(dim, touched))
+
+
+def _summed(parts: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (distinct index, gradient) pair from several along dim 1, repeated slices summed."""
+    index, inverse = torch.unique(torch.cat([i for i, _ in parts]), return_inverse=True)
+    grads = torch.cat([g for _, g in parts], dim=1)
+    return index, grads.new_zeros(grads.shape[0], len(index), *grads.shape[2:]).index_add_(1, inverse, grads)
 
 
 def _rows(t: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:

@@ -11,15 +11,19 @@ of what the FLOPs allow. This path follows EL-Rec (SC'22):
 - backward walks the tree from the leaves up, summing each node's gradient into its parent
   before the parent's GEMM and each core slice's gradient over every node that used it, so the
   cores receive one gradient per distinct (level, digit), never one per lookup;
-- with a table optimizer attached (`table_optim.py`), backward applies the update to the touched
-  core slices itself and hands autograd no core gradient at all (TT-Rec / FBGEMM's fused
-  backward-optimizer), so the step costs in proportion to the batch.
+- with a table optimizer attached (`table_optim.py`), backward hands the touched core slices'
+  gradients to it (it updates them when the backward pass ends) and autograd no core gradient
+  at all (TT-Rec / FBGEMM's fused backward-optimizer), so the step costs in proportion to the
+  batch;
+- the compiled kernel reads the cores where they lie, without a per-step copy; backward reads
+  them again, unchanged, since the optimizer waits for the end of the pass.
 
 Layouts: a TTM table has L cores (r_{k-1}, n_k, d_k, r_k); a TT table has L row cores
 (r_{k-1}, n_k, r_k) then column cores whose product (r_L, D) is a shared `tail` matrix (it does
 not depend on the ids; a bag sums its r_L-wide rows before the tail, 8x less pooling traffic than
 128-wide rows at rank 16; `Tail` multiplies, with its own backward that reads the output gradient
-once and updates the column cores itself, and multiplies a repeated id once). Masks,
+once and hands the column cores' gradients to the optimizer itself, and multiplies a repeated id
+once). Masks,
 `slice_gates` and `factor_sampler` are applied to the cores before the lookup (`lookup_cores`), so
 every rank method keeps driving these tables; only the plain case (no gate, all masks on) takes
 the fused optimizer, the others hand dense core gradients to autograd.
@@ -151,8 +155,7 @@ class _FusedLookup(torch.autograd.Function):
                 if digits is None:
                     digits = torch.bincount(tree.digits[k], minlength=shape[1]).nonzero().flatten()  # sorted, no sort
                     grad = grad.index_select(1, digits)
-                with torch.no_grad():
-                    ctx.update(ctx.cores[k], digits, grad)
+                ctx.update(ctx.cores[k], digits, grad)
                 grads.append(None)
             elif digits is None:
                 grads.append(grad)
@@ -259,9 +262,8 @@ class _TailProduct(torch.autograd.Function):
                 grad_tail = torch.nn.functional.pad(grad_tail, (0, ctx.full_width - grad_tail.shape[1]))
             grads = _tail_chain_grads(col_cores, ctx.chain, grad_tail)
             if ctx.spec.update is not None:  # the fused optimizer: every slice of a column core is touched
-                with torch.no_grad():
-                    for core, grad in zip(col_cores, grads):
-                        ctx.spec.update(core, torch.arange(grad.shape[1], device=grad.device), grad)
+                for core, grad in zip(col_cores, grads):
+                    ctx.spec.update(core, torch.arange(grad.shape[1], device=grad.device), grad)
                 grads = [None] * len(col_cores)
         return (grad_rows if ctx.needs_input_grad[0] else None), None, None, *grads
 
