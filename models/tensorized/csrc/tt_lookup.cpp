@@ -213,6 +213,15 @@ inline void gemm_rows(T* const* out, const T* const* s, const T* M, int64_t ld, 
   });
 }
 
+// f(group, std::integral_constant<int, R>) over `nodes` in groups of R = 4, then the rest one by
+// one: the nodes of one gemm_rows call.
+template <typename F>
+__attribute__((always_inline)) inline void in_fours(const int64_t* nodes, int64_t count, F&& f) {
+  int64_t i = 0;
+  for (; i + 4 <= count; i += 4) f(nodes + i, std::integral_constant<int, 4>{});
+  for (; i < count; ++i) f(nodes + i, std::integral_constant<int, 1>{});
+}
+
 template <typename T>
 inline void mm(const T* a, const T* b, int64_t ldb, T* out, int64_t D, int64_t r, int64_t W) {
   // out (D x W) = a (D x r) @ b (r x W, rows ldb apart)
@@ -339,22 +348,14 @@ void forward_level(const torch::Tensor& prev, const torch::Tensor& core, const t
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if (threads > 1)
     for (int64_t j = 0; j < n; ++j) {
       const int64_t* nodes = groups.by_digit.data() + groups.first[j];
-      const int64_t count = groups.first[j + 1] - groups.first[j];
-      const scalar_t* block = b + j * W;
-      int64_t i = 0;
-      for (; i + 4 <= count; i += 4) {
-        const scalar_t* a[4];
-        scalar_t* out[4];
-        for (int u = 0; u < 4; ++u) a[u] = x + pa[nodes[i + u]] * sx, out[u] = out_row(nodes[i + u]);
-        gemm_rows<scalar_t, 4>(out, a, block, ldb, r, W);
-        for (int u = 0; u < 4; ++u) copy_to_lookups(nodes[i + u]);
-      }
-      for (; i < count; ++i) {
-        const scalar_t* a = x + pa[nodes[i]] * sx;
-        scalar_t* out = out_row(nodes[i]);
-        gemm_rows<scalar_t, 1>(&out, &a, block, ldb, r, W);
-        copy_to_lookups(nodes[i]);
-      }
+      in_fours(nodes, groups.first[j + 1] - groups.first[j], [&](const int64_t* group, auto size) {
+        constexpr int R = decltype(size)::value;
+        const scalar_t* a[R];
+        scalar_t* out[R];
+        for (int u = 0; u < R; ++u) a[u] = x + pa[group[u]] * sx, out[u] = out_row(group[u]);
+        gemm_rows<scalar_t, R>(out, a, b + j * W, ldb, r, W);
+        for (int u = 0; u < R; ++u) copy_to_lookups(group[u]);
+      });
     }
     return;
   }
@@ -501,18 +502,13 @@ std::pair<torch::Tensor, torch::Tensor> backward_level(const torch::Tensor& prev
       const int64_t j = tj[t], *nodes = by_digit.data() + first[j], count = first[j + 1] - first[j];
       block_grad(gb + t * W, T * W, nodes, count, x, pa, sx, grow, D, r, W, gbt);
       if (!by_digit_rows) continue;
-      int64_t i = 0;
-      for (; i + 4 <= count; i += 4) {
-        const scalar_t* g[4];
-        scalar_t* out[4];
-        for (int u = 0; u < 4; ++u) g[u] = grow[nodes[i + u]], out[u] = gn + nodes[i + u] * r;
-        gemm_rows<scalar_t, 4>(out, g, b + j * sb, r, W, r);
-      }
-      for (; i < count; ++i) {
-        const scalar_t* g = grow[nodes[i]];
-        scalar_t* out = gn + nodes[i] * r;
-        gemm_rows<scalar_t, 1>(&out, &g, b + j * sb, r, W, r);
-      }
+      in_fours(nodes, count, [&](const int64_t* group, auto size) {
+        constexpr int R = decltype(size)::value;
+        const scalar_t* g[R];
+        scalar_t* out[R];
+        for (int u = 0; u < R; ++u) g[u] = grow[group[u]], out[u] = gn + group[u] * r;
+        gemm_rows<scalar_t, R>(out, g, b + j * sb, r, W, r);
+      });
     }
     if (by_digit_rows) {  // (the loop above ended with a barrier)
 #pragma omp for schedule(static)
