@@ -88,31 +88,30 @@ struct Tile {
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[0][i][v] = V::load(out + i * ldo + v * W);
   }
-  // set q, row i += s[i * si] * m[0 .. C)
-  inline void fma(int q, const T* s, int64_t si, const T* m) {
+  // set q, row i += scalar(i) * m[0 .. C)
+  template <typename Scalar>
+  __attribute__((always_inline)) inline void fma_with(int q, Scalar&& scalar, const T* m) {
     vec mv[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) mv[v] = V::load(m + v * W);
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
-      const T sv = s[i * si];
+      const T sv = scalar(i);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[q][i][v] += sv * mv[v];
     }
+  }
+  // set q, row i += s[i * si] * m[0 .. C)
+  inline void fma(int q, const T* s, int64_t si, const T* m) {
+    fma_with(q, [&](int i) __attribute__((always_inline)) { return s[i * si]; }, m);
   }
   // set q, row i += s[i][k] * m[0 .. C): rows from anywhere (nodes that share a block)
   inline void fma_rows(int q, const T* const* s, int64_t k, const T* m) {
-    vec mv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) mv[v] = V::load(m + v * W);
-#pragma GCC unroll 8
-    for (int i = 0; i < R; ++i) {
-      const T sv = s[i][k];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[q][i][v] += sv * mv[v];
-    }
+    fma_with(q, [&](int i) __attribute__((always_inline)) { return s[i][k]; }, m);
   }
-  inline void store_rows(T* const* out, int64_t c) const {
+  // row i, the sum of its sets, to row(i) (a pointer to its first column)
+  template <bool Stream = false, typename Row>
+  __attribute__((always_inline)) inline void store_with(Row&& row) const {
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i)
 #pragma GCC unroll 4
@@ -120,20 +119,15 @@ struct Tile {
         vec x = acc[0][i][v];
 #pragma GCC unroll 4
         for (int q = 1; q < S; ++q) x += acc[q][i][v];
-        V::store(out[i] + c + v * W, x);
+        if (!Stream || !stream_store(row(i) + v * W, x)) V::store(row(i) + v * W, x);
       }
   }
   template <bool Stream = false>
   inline void store(T* out, int64_t ldo) const {
-#pragma GCC unroll 8
-    for (int i = 0; i < R; ++i)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) {
-        vec x = acc[0][i][v];
-#pragma GCC unroll 4
-        for (int q = 1; q < S; ++q) x += acc[q][i][v];
-        if (!Stream || !stream_store(out + i * ldo + v * W, x)) V::store(out + i * ldo + v * W, x);
-      }
+    store_with<Stream>([&](int i) __attribute__((always_inline)) { return out + i * ldo; });
+  }
+  inline void store_rows(T* const* out, int64_t c) const {
+    store_with([&](int i) __attribute__((always_inline)) { return out[i] + c; });
   }
 };
 
