@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 TABLE_OPTIMIZERS: dict[str, type["TableOptimizer"]] = {}
+# the running backward pass (-1: none); a torch without it applies fused updates at once
+_backward_pass = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
 class TableOptimizer:
@@ -92,7 +94,7 @@ class TableOptimizer:
     def _core_update(self, core: torch.Tensor, index: torch.Tensor, grad: torch.Tensor) -> None:
         """A fused lookup's update of a TT/TTM core's slices `index` (dim 1: the core's digit),
         applied when the running backward pass ends (see the module docstring)."""
-        current = torch._C._current_graph_task_id()
+        current = _backward_pass()
         if current < 0:  # not called from a backward pass: nothing to wait for
             with torch.no_grad():
                 self.update(core, 1, index, grad)
