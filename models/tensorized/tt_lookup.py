@@ -97,8 +97,8 @@ def _core_blocks(core: torch.Tensor) -> torch.Tensor:
 
 
 def _slabs(core: torch.Tensor) -> torch.Tensor:
-    """Core (r_{k-1}, n_k, [d_k,] r_k) as (r_{k-1}, n_k, d_k * r_k), a view: digit j's block is
-    column range [j W, (j + 1) W) of each slab, which is how the kernel reads it."""
+    """Core (r_{k-1}, n_k, [d_k,] r_k) as (r_{k-1}, n_k, d_k * r_k), a view of a contiguous core:
+    digit j's block is column range [j W, (j + 1) W) of each slab, as the kernel reads it."""
     return core.reshape(core.shape[0], core.shape[1], -1).contiguous()
 
 
@@ -112,7 +112,7 @@ class _FusedLookup(torch.autograd.Function):
         compiled = tt_kernel.usable(cores[0])
         per_lookup = inverse is not None
         lookups = (None, None)
-        if compiled:  # the kernel reads the cores in place (saved: the optimizer updates them after)
+        if compiled:  # cores read in place, and again in backward: a fused optimizer waits for the pass's end
             operands = [_slabs(c) for c in cores]
             if per_lookup:
                 tree.group_lookups(inverse)
