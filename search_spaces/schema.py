@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ranksearch.models.rank_selection.hyperparams import METHOD_DEFAULTS, METHODS, TRAIN_DEFAULTS
-from ranksearch.models.tensorized.names import FORMATS
+from ranksearch.models.tensorized.names import FORMATS, LAYER_SHAPE_KEYS, TABLE_SHAPE_KEYS
 from ranksearch.models.registry import DATASETS as DATASET_REGISTRY
 from ranksearch.models.registry import REC_DATASETS
 from ranksearch.models.sources import is_import_path
@@ -231,7 +231,7 @@ def _checkpoint(value: Any, models: list, errors: Errors):
     return dict(value)
 
 
-SHAPE_FIELDS = ("in_shape", "out_shape", "shape")
+SHAPE_FIELDS = LAYER_SHAPE_KEYS + TABLE_SHAPE_KEYS
 
 
 def _shapes(value: Any, models: list, errors: Errors) -> dict:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .layers import FactorizedConv2d, FactorizedEmbedding, FactorizedEmbeddingBag, FactorizedLayer, FactorizedLinear
+from .names import LAYER_SHAPE_KEYS, TABLE_SHAPE_KEYS
 
 CONVERTIBLE = (nn.Linear, nn.Conv2d, nn.Embedding, nn.EmbeddingBag)
 
@@ -74,8 +75,8 @@ def _selected(name: str, include, exclude) -> bool:
     return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
 
 
-SHAPE_KEYS = {nn.Linear: ("in_shape", "out_shape"), nn.Conv2d: ("in_shape", "out_shape"),
-              nn.Embedding: ("shape",), nn.EmbeddingBag: ("shape",)}
+SHAPE_KEYS = {nn.Linear: LAYER_SHAPE_KEYS, nn.Conv2d: LAYER_SHAPE_KEYS,
+              nn.Embedding: TABLE_SHAPE_KEYS, nn.EmbeddingBag: TABLE_SHAPE_KEYS}
 
 
 def check_shapes(shapes, targets: dict[str, nn.Module]) -> dict[str, dict]:
